@@ -1,0 +1,159 @@
+# occamy - build, test, install.  GNU make.
+#
+#   make            build daemon, occamyctl, plugins, tests into $(B)/
+#   make test       install missing deps, run unit + integration tests
+#   make asan/tsan  the same test run under sanitizers (own build dirs)
+#   make run        private broker + occamyd + one sample request
+#   make install    PREFIX=/usr/local DESTDIR=
+
+PREFIX     ?= /usr/local
+SYSCONFDIR ?= /etc
+BINDIR     ?= $(PREFIX)/bin
+SBINDIR    ?= $(PREFIX)/sbin
+LIBDIR     ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+MANDIR     ?= $(PREFIX)/share/man
+PLUGINDIR  ?= $(LIBDIR)/occamy/plugins
+UNITDIR    ?= $(LIBDIR)/systemd/system
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+
+VERSION := 0.1.0
+B       ?= build
+
+CC      ?= cc
+CFLAGS  ?= -O2 -g
+WARN    := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
+           -Wmissing-prototypes -Wformat=2 -Wpointer-arith -Wno-format-nonliteral
+CPPFLAGS_ALL := -std=c11 -D_GNU_SOURCE -Iinclude -Idaemon \
+           -DOCCAMY_VERSION='"$(VERSION)"' \
+           -DOCCAMY_PLUGIN_DIR='"$(PLUGINDIR)"' \
+           -DOCCAMY_CONFIG_PATH='"$(SYSCONFDIR)/occamy/occamy.ini"' \
+           $(CPPFLAGS)
+ALL_CFLAGS := $(CPPFLAGS_ALL) $(WARN) -pthread -MMD -MP $(SAN) $(CFLAGS)
+ALL_LDFLAGS := -pthread $(SAN) $(LDFLAGS)
+LIBS    := -lrabbitmq -linih -lsystemd -ldl -lm
+
+# The daemon's modules; main.c stays out of the library so unit tests link
+# everything else.
+CORE_SRC := $(filter-out daemon/main.c,$(wildcard daemon/*.c))
+CORE_OBJ := $(CORE_SRC:%.c=$(B)/%.o)
+
+UNIT_SRC  := $(wildcard tests/unit/test_*.c)
+UNIT_BIN  := $(UNIT_SRC:tests/unit/%.c=$(B)/tests/unit/%)
+
+# Plugins: plugins/NAME.c or plugins/NAME/*.c -> NAME.so; likewise tests/plugins.
+PLUGIN_SINGLE := $(wildcard plugins/*.c)
+PLUGIN_DIRS   := $(patsubst %/,%,$(sort $(dir $(wildcard plugins/*/*.c))))
+PLUGINS := $(PLUGIN_SINGLE:plugins/%.c=$(B)/plugins/%.so) \
+           $(PLUGIN_DIRS:plugins/%=$(B)/plugins/%.so)
+TPLUGIN_SRC := $(wildcard tests/plugins/*.c)
+TPLUGINS := $(TPLUGIN_SRC:tests/plugins/%.c=$(B)/tests/plugins/%.so)
+
+CTL_SRC := $(wildcard ctl/*.c)
+TOOLS_SRC := $(wildcard tests/tools/*.c bench/*.c)
+TOOLS := $(patsubst %.c,$(B)/%,$(TOOLS_SRC))
+
+PROGS := $(B)/occamyd
+ifneq ($(CTL_SRC),)
+PROGS += $(B)/occamyctl
+endif
+
+.PHONY: all test unit asan tsan run bench install uninstall clean format-check deps
+all: $(PROGS) $(PLUGINS) $(TPLUGINS) $(UNIT_BIN) $(TOOLS)
+
+$(B)/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(B)/occamyd: $(B)/daemon/main.o $(CORE_OBJ)
+	$(CC) $(ALL_LDFLAGS) -rdynamic -o $@ $^ $(LIBS)
+
+$(B)/occamyctl: $(CTL_SRC:%.c=$(B)/%.o) $(filter-out $(B)/daemon/sched.o,$(CORE_OBJ))
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
+
+$(B)/tests/unit/%: $(B)/tests/unit/%.o $(CORE_OBJ)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS) -lcmocka
+
+$(B)/tests/tools/% $(B)/bench/%: ALL_LIBS := $(LIBS)
+$(B)/tests/tools/%: $(B)/tests/tools/%.o
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
+$(B)/bench/%: $(B)/bench/%.o
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
+
+# Plugins are built exactly as a user would: only the public header.
+PLUGIN_CFLAGS := -std=c11 -D_GNU_SOURCE -Iinclude $(WARN) -fPIC -pthread -MMD -MP $(SAN) $(CFLAGS)
+$(B)/plugins/%.so: plugins/%.c
+	@mkdir -p $(@D)
+	$(CC) $(PLUGIN_CFLAGS) -shared -o $@ $< $(SAN) $(LDFLAGS) -lm
+.SECONDEXPANSION:
+$(B)/plugins/%.so: $$(wildcard plugins/%/*.c) $$(wildcard plugins/%/*.h)
+	@mkdir -p $(@D)
+	$(CC) $(PLUGIN_CFLAGS) -shared -o $@ $(filter %.c,$^) $(SAN) $(LDFLAGS) -lm
+$(B)/tests/plugins/%.so: tests/plugins/%.c
+	@mkdir -p $(@D)
+	$(CC) $(PLUGIN_CFLAGS) -shared -o $@ $< $(SAN) $(LDFLAGS) -lm
+
+deps:
+	@scripts/deps
+
+test: deps
+	$(MAKE) all
+	tests/run $(B)
+
+unit: all
+	tests/run --unit-only $(B)
+
+asan: deps
+	$(MAKE) B=build-asan SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
+	OCCAMY_SANITIZER=asan tests/run build-asan
+
+tsan: deps
+	$(MAKE) B=build-tsan SAN="-fsanitize=thread -fno-omit-frame-pointer" all
+	OCCAMY_SANITIZER=tsan tests/run build-tsan
+
+run: deps
+	$(MAKE) all
+	scripts/run-demo $(B)
+
+bench: deps
+	$(MAKE) all
+	bench/run $(B)
+
+install: all
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(PLUGINDIR) \
+	  $(DESTDIR)$(INCLUDEDIR)/occamy $(DESTDIR)$(PKGCONFIGDIR) \
+	  $(DESTDIR)$(SYSCONFDIR)/occamy $(DESTDIR)$(UNITDIR) \
+	  $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man5 \
+	  $(DESTDIR)$(MANDIR)/man7 $(DESTDIR)$(MANDIR)/man8
+	install -m 755 $(B)/occamyd $(DESTDIR)$(SBINDIR)/occamyd
+	if [ -x $(B)/occamyctl ]; then install -m 755 $(B)/occamyctl $(DESTDIR)$(BINDIR)/occamyctl; fi
+	for p in $(PLUGINS); do install -m 755 $$p $(DESTDIR)$(PLUGINDIR)/; done
+	install -m 644 include/occamy/plugin.h $(DESTDIR)$(INCLUDEDIR)/occamy/plugin.h
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' \
+	    -e 's|@PLUGINDIR@|$(PLUGINDIR)|g' -e 's|@VERSION@|$(VERSION)|g' \
+	    conf/occamy-plugin.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/occamy-plugin.pc
+	if [ ! -e $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini ]; then \
+	  sed -e 's|@PLUGINDIR@|$(PLUGINDIR)|g' conf/occamy.ini > $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini; \
+	  chmod 644 $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini; fi
+	if [ -f systemd/occamyd.service.in ]; then \
+	  sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+	    systemd/occamyd.service.in > $(DESTDIR)$(UNITDIR)/occamyd.service; fi
+	for m in man/*.[1-8]; do [ -f "$$m" ] || continue; s=$${m##*.}; \
+	  install -m 644 $$m $(DESTDIR)$(MANDIR)/man$$s/; done
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/occamyd $(DESTDIR)$(BINDIR)/occamyctl \
+	  $(DESTDIR)$(INCLUDEDIR)/occamy/plugin.h $(DESTDIR)$(PKGCONFIGDIR)/occamy-plugin.pc \
+	  $(DESTDIR)$(UNITDIR)/occamyd.service
+	rm -f $(addprefix $(DESTDIR)$(PLUGINDIR)/,$(notdir $(PLUGINS)))
+	for m in man/*.[1-8]; do [ -f "$$m" ] || continue; s=$${m##*.}; \
+	  rm -f $(DESTDIR)$(MANDIR)/man$$s/$${m##*/}; done
+	-rmdir $(DESTDIR)$(INCLUDEDIR)/occamy $(DESTDIR)$(PLUGINDIR) 2>/dev/null
+
+clean:
+	rm -rf build build-asan build-tsan
+
+format-check:
+	clang-format --dry-run --Werror daemon/*.c daemon/*.h include/occamy/*.h
+
+-include $(shell find $(B) -name '*.d' 2>/dev/null)

@@ -1,0 +1,70 @@
+/*
+ * amqp.h - the AMQP transport: the one thread that owns the rabbitmq-c
+ * connection, turns deliveries into struct message for the scheduler and
+ * carries settlements and publishes from other threads back to the broker.
+ */
+#ifndef OCCAMY_AMQP_H
+#define OCCAMY_AMQP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <occamy/plugin.h>
+
+struct config;
+struct sched;
+struct transport;
+
+enum publish_kind {
+	PUBLISH_REQUEST, /* to request_exchange, routing key request_queue; name = handler */
+	PUBLISH_CONTROL, /* to control_exchange; name = task ID */
+	PUBLISH_HELP,    /* to control_exchange without task ID; name = handler */
+};
+
+struct transport_hooks {
+	void *ctx;
+	/* Called from the owner thread once per loop turn (at least every
+	 * half heartbeat); healthy = connected and heartbeats fine.  main.c
+	 * pings the systemd watchdog from here. */
+	void (*turn)(void *ctx, bool healthy);
+	/* Connection state changed (for STATUS= and logs). */
+	void (*state)(void *ctx, bool connected);
+};
+
+struct transport_stats {
+	bool connected;
+	uint64_t reconnects;
+	uint64_t deliveries;        /* requests received */
+	uint64_t control_deliveries;
+	uint64_t acks, requeues, dead_letters;
+	uint64_t replies;           /* results published to reply_to */
+	uint64_t publishes;         /* plugin publishes confirmed */
+	uint64_t publish_failures;
+	uint64_t stale_settlements; /* dropped: from an older connection */
+};
+
+/* Reads the [amqp] and header settings of cfg (copied; cfg may go away). */
+struct transport *transport_new(const struct config *cfg, struct sched *s,
+				const struct transport_hooks *hooks);
+
+/* The owner loop: connect, declare, consume, reconnect with backoff, until
+ * transport_stop().  Run it on its own thread.  Returns 0. */
+int transport_run(struct transport *t);
+
+/* Thread-safe: ask the loop to return after flushing pending settlements
+ * (bounded by a short timeout). */
+void transport_stop(struct transport *t);
+
+/* Thread-safe.  Copies everything; returns 0 if queued, -1 if not
+ * connected or the outgoing queue is full. */
+int transport_publish(struct transport *t, enum publish_kind kind, const char *name,
+		      const struct occamy_kv *headers, size_t nheaders,
+		      const void *body, size_t len);
+
+void transport_get_stats(struct transport *t, struct transport_stats *out);
+
+/* After transport_run() has returned. */
+void transport_free(struct transport *t);
+
+#endif /* OCCAMY_AMQP_H */

@@ -1,0 +1,78 @@
+/*
+ * config.h - occamy.ini: the settings, their defaults, and the parser
+ * (inih) that fills them with file/line/key errors.
+ */
+#ifndef OCCAMY_CONFIG_H
+#define OCCAMY_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define CONFIG_DEFAULT_PATH "/etc/occamy/occamy.ini"
+#define EX_CONFIG_STATUS 78 /* sysexits EX_CONFIG */
+
+struct plugin_option {
+	char *key;
+	char *value;
+	int line;
+};
+
+struct plugin_config {
+	char *name;      /* from [plugin NAME] */
+	char *path;      /* file in plugin_dir, or absolute */
+	int line;        /* line of the section header */
+	struct plugin_option *options;
+	size_t noptions;
+};
+
+struct config {
+	char *file;
+
+	/* [server] */
+	unsigned slots;                 /* default: online CPUs */
+	unsigned expansion_period_ms;   /* default 1000 */
+	unsigned expansion_slot_buffer; /* default 0 */
+	unsigned kill_timeout_ms;       /* default 1000 */
+	unsigned shutdown_grace_s;      /* default 30 */
+	char *header_task_id;           /* default "task-id" */
+	char *header_handler;           /* default "handler" */
+	char *default_handler;          /* default "" (none) */
+	unsigned external_queue_max;    /* default 1024 */
+	unsigned external_ttl_s;        /* default 60 */
+	char *plugin_dir;               /* default PREFIX/lib/occamy/plugins */
+	char *helper_priority;          /* "idle" (default) or "normal" */
+
+	/* [amqp] */
+	char *uri;                      /* default amqp://guest@127.0.0.1:5672/ */
+	char *password_file;            /* default "" */
+	unsigned heartbeat_s;           /* default 30 */
+	char *tls_ca;                   /* default "" */
+	char *tls_cert;
+	char *tls_key;
+	bool tls_verify_peer;           /* default true */
+	bool tls_verify_hostname;       /* default true */
+	char *request_queue;            /* default "occamy.requests" */
+	char *request_exchange;         /* default "occamy.requests" */
+	char *control_exchange;         /* default "occamy.control" */
+	char *dead_letter_exchange;     /* default "occamy.dead" */
+	char *dead_letter_queue;        /* default "occamy.dead" */
+	char *queue_type;               /* "classic" (default) or "quorum" */
+	unsigned prefetch;              /* default 0 = slots */
+	unsigned delivery_limit;        /* default 5; 0 = no limit */
+
+	/* [metrics] */
+	char *metrics_listen;           /* "" = off */
+	unsigned metrics_window;        /* samples, default 10 */
+	unsigned metrics_sample_s;      /* default 10 */
+
+	struct plugin_config *plugins;
+	size_t nplugins;
+};
+
+/* Parse path into *out (defaults first).  On failure returns -1 after
+ * writing one line per error "FILE:LINE: key 'K': reason" into errbuf
+ * (truncated to errlen); *out is then freed. */
+int config_load(const char *path, struct config *out, char *errbuf, size_t errlen);
+void config_free(struct config *c);
+
+#endif /* OCCAMY_CONFIG_H */

@@ -1,0 +1,257 @@
+/*
+ * occamy/plugin.h - the one public header: the contract between occamyd and
+ * the task plugins it dlopen()s.  A plugin never links against the daemon;
+ * everything it may call arrives in a struct occamy_host table.
+ *
+ * A plugin is a shared object exporting one data symbol:
+ *
+ *     const struct occamy_plugin occamy_plugin = {
+ *         OCCAMY_PLUGIN_HEADER,
+ *         .name = "sleep", .version = "1.0",
+ *         .task_new = ..., .task_run = ..., .task_info = ...,
+ *         .task_destroy = ...,
+ *     };
+ *
+ * The loader reads that descriptor (ABI major, minor, struct size) before it
+ * calls anything, and refuses a plugin built for another major version.
+ *
+ * THREADING RULES
+ *  - init and fini run once, on the main thread, with no task alive.
+ *  - task_new runs on the daemon's admission or control thread; it must be
+ *    quick (parse, validate, allocate) and never block.
+ *  - task_run runs on a slot thread and is the only long-running callback.
+ *    Different tasks run concurrently on different threads.
+ *  - task_expand runs on the expansion thread and task_handle on a control
+ *    dispatcher thread, WHILE task_run of the same task may be running on its
+ *    slot thread.  The plugin synchronises access to its own task state.
+ *    Calls of task_handle for one task are serialised; task_expand calls for
+ *    one task are serialised; the two may overlap each other.
+ *  - task_handle must be quick: queue the data for task_run and return.
+ *  - task_info may be called from any thread at any time until task_destroy;
+ *    the strings it returns must stay valid and unchanged until then.
+ *  - task_destroy is called exactly once per task, after every other callback
+ *    for that task has returned, on any thread.
+ *  - Tasks must not share mutable memory with each other: an assistant may run
+ *    on this server or on another one, and must behave the same either way.
+ *    Talk through host->publish_control() instead.
+ *
+ * OWNERSHIP
+ *  - Every pointer the daemon passes in (headers, bodies, options) is borrowed
+ *    for the duration of the call only.  Copy what you keep.
+ *  - Tasks are allocated by the plugin and freed by task_destroy.
+ *  - A result body set in struct occamy_output must come from malloc(); the
+ *    daemon takes ownership and free()s it.
+ *  - The host table is valid from init until fini returns.
+ */
+#ifndef OCCAMY_PLUGIN_H
+#define OCCAMY_PLUGIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bump MAJOR on any incompatible change; MINOR when fields are appended. */
+#define OCCAMY_ABI_MAJOR 1
+#define OCCAMY_ABI_MINOR 0
+
+/* The symbol name the loader looks up with dlsym(). */
+#define OCCAMY_PLUGIN_SYMBOL "occamy_plugin"
+
+/* What a task or a conversion returns.  The daemon maps each to a broker
+ * outcome: OK -> ack; INVALID_* -> reject without requeue (dead-letter);
+ * INTERNAL -> requeue until the delivery limit, then dead-letter;
+ * INTERRUPTED -> requeue (the task was cancelled by the daemon). */
+enum occamy_status {
+	OCCAMY_OK = 0,
+	OCCAMY_ERR_INVALID_BODY,
+	OCCAMY_ERR_INVALID_HEADERS,
+	OCCAMY_ERR_INVALID_TASK,
+	OCCAMY_ERR_INTERNAL,
+	OCCAMY_ERR_INTERRUPTED,
+};
+
+enum occamy_log_level {
+	OCCAMY_LOG_ERROR = 3,
+	OCCAMY_LOG_WARNING = 4,
+	OCCAMY_LOG_INFO = 6,
+	OCCAMY_LOG_DEBUG = 7,
+};
+
+/* A message header value.  AMQP tables, arrays and other exotic types appear
+ * as OCCAMY_VALUE_OTHER so plugins can at least tell that the key is there. */
+enum occamy_value_kind {
+	OCCAMY_VALUE_STRING,
+	OCCAMY_VALUE_INT,
+	OCCAMY_VALUE_FLOAT,
+	OCCAMY_VALUE_BOOL,
+	OCCAMY_VALUE_OTHER,
+};
+
+struct occamy_header {
+	const char *key; /* NUL-terminated */
+	enum occamy_value_kind kind;
+	/* STRING: str is NUL-terminated, len excludes the NUL (the value may
+	 * itself contain NUL bytes; len is authoritative). */
+	const char *str;
+	size_t len;
+	int64_t i;  /* INT, and BOOL as 0/1 */
+	double f;   /* FLOAT */
+};
+
+struct occamy_headers {
+	const struct occamy_header *items;
+	size_t count;
+};
+
+/* Headers a plugin adds to what it publishes (strings only, for clarity). */
+struct occamy_kv {
+	const char *key;
+	const char *value;
+};
+
+/* Cancellation token of a running task; opaque, poll it through the host. */
+struct occamy_cancel;
+
+/* Where task_run leaves its result and, on error, a human reason. */
+struct occamy_output {
+	void *body;               /* malloc()ed; daemon frees; may be NULL */
+	size_t len;
+	char content_type[64];    /* e.g. "application/json"; may stay empty */
+	char message[256];        /* why, when the status is not OCCAMY_OK */
+};
+
+/* What the daemon needs to know about a task to schedule it. */
+struct occamy_task_info {
+	const char *id;       /* control messages with this task ID reach it; may be NULL */
+	const char *group;    /* for metrics, e.g. the handler or a sub-kind; may be NULL */
+	int64_t deadline_ms;  /* wall clock, ms since the epoch; 0 = none */
+	int priority;         /* higher first in expansion; default 0 */
+};
+
+/* One [plugin NAME] key of occamy.ini other than `path`. */
+struct occamy_option {
+	const char *key;
+	const char *value;
+};
+
+struct occamy_host {
+	uint32_t abi_major;
+	uint32_t abi_minor;
+	size_t size; /* sizeof(struct occamy_host) of the daemon */
+
+	/* Log a line tagged with the plugin's name. */
+	void (*log)(const struct occamy_host *host, enum occamy_log_level level,
+		    const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+	/* Non-zero once the task has been asked to stop.  Cheap: poll it in
+	 * inner loops (every millisecond or so of work). */
+	int (*cancelled)(const struct occamy_cancel *cancel);
+
+	/* Sleep up to ms milliseconds; returns non-zero at once if the task is
+	 * (or becomes) cancelled, 0 after a full sleep. */
+	int (*sleep_ms)(const struct occamy_cancel *cancel, uint64_t ms);
+
+	/* Publish a request for the named handler (NULL: the default handler)
+	 * on the request exchange: it runs protected on exactly one server.
+	 * Returns 0 when queued for sending, -1 if the daemon cannot send now. */
+	int (*publish_request)(const struct occamy_host *host, const char *handler,
+			       const struct occamy_kv *headers, size_t nheaders,
+			       const void *body, size_t len);
+
+	/* Publish a control message to every running task with this task ID on
+	 * every server (how assistants report to their master). */
+	int (*publish_control)(const struct occamy_host *host, const char *task_id,
+			       const struct occamy_kv *headers, size_t nheaders,
+			       const void *body, size_t len);
+
+	/* Publish a help request: a control message without task ID that every
+	 * server may turn into an external helper (via the named handler's
+	 * task_new with is_help set) when it has spare slots. */
+	int (*publish_help)(const struct occamy_host *host, const char *handler,
+			    const struct occamy_kv *headers, size_t nheaders,
+			    const void *body, size_t len);
+
+	/* The plugin's own state, as set by init; for callbacks that only get
+	 * the host pointer. */
+	void *plugin_state;
+};
+
+struct occamy_plugin {
+	uint32_t abi_major;
+	uint32_t abi_minor;
+	size_t size; /* sizeof(struct occamy_plugin) the plugin was built with */
+
+	const char *name;
+	const char *version;
+
+	/* Optional.  Called once with the plugin's options from occamy.ini.
+	 * Store host (and set host->plugin_state if useful; it is writable
+	 * here only).  Return 0, or -1 with a reason in err. */
+	int (*init)(struct occamy_host *host, const struct occamy_option *options,
+		    size_t noptions, char *err, size_t errlen);
+
+	/* Optional.  Called once, after every task of the plugin is destroyed. */
+	void (*fini)(const struct occamy_host *host);
+
+	/* Required.  Turn a message into a task.  is_help is non-zero for a help
+	 * request (a control message without task ID); the task will run as an
+	 * unprotected external helper.  On error return the status and a reason
+	 * in err, and leave *task alone. */
+	enum occamy_status (*task_new)(const struct occamy_host *host,
+				       const struct occamy_headers *headers,
+				       const void *body, size_t len, int is_help,
+				       void **task, char *err, size_t errlen);
+
+	/* Required.  Do the work.  Return OCCAMY_OK with an optional result in
+	 * out (sent to the request's reply_to), or an error status with a reason
+	 * in out->message.  A cancelled task returns OCCAMY_ERR_INTERRUPTED. */
+	enum occamy_status (*task_run)(void *task, const struct occamy_cancel *cancel,
+				       struct occamy_output *out);
+
+	/* Optional.  Create up to n helper tasks into helpers[0..n-1]; return
+	 * how many.  Helpers run unprotected and may be cancelled at any time. */
+	size_t (*task_expand)(void *task, size_t n, void **helpers);
+
+	/* Optional.  A control message carrying this task's ID. */
+	void (*task_handle)(void *task, const struct occamy_headers *headers,
+			    const void *body, size_t len);
+
+	/* Required.  Fill info; see struct occamy_task_info. */
+	void (*task_info)(const void *task, struct occamy_task_info *info);
+
+	/* Required. */
+	void (*task_destroy)(void *task);
+};
+
+/* Start every descriptor with this. */
+#define OCCAMY_PLUGIN_HEADER                                                   \
+	.abi_major = OCCAMY_ABI_MAJOR, .abi_minor = OCCAMY_ABI_MINOR,          \
+	.size = sizeof(struct occamy_plugin)
+
+/* Find a header by key; NULL if absent.  Inline so plugins need no symbol
+ * from the daemon. */
+static inline const struct occamy_header *
+occamy_headers_find(const struct occamy_headers *h, const char *key)
+{
+	size_t i, j;
+
+	if (h == NULL || key == NULL)
+		return NULL;
+	for (i = 0; i < h->count; i++) {
+		const char *a = h->items[i].key, *b = key;
+		for (j = 0; a[j] != '\0' && a[j] == b[j]; j++)
+			;
+		if (a[j] == b[j])
+			return &h->items[i];
+	}
+	return NULL;
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* OCCAMY_PLUGIN_H */
