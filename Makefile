@@ -24,7 +24,7 @@ CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN    := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
            -Wmissing-prototypes -Wformat=2 -Wpointer-arith -Wno-format-nonliteral
-CPPFLAGS_ALL := -std=c11 -D_GNU_SOURCE -Iinclude -Idaemon \
+CPPFLAGS_ALL := -std=c11 -D_GNU_SOURCE -Iinclude -iquote daemon \
            -DOCCAMY_VERSION='"$(VERSION)"' \
            -DOCCAMY_PLUGIN_DIR='"$(PLUGINDIR)"' \
            -DOCCAMY_CONFIG_PATH='"$(SYSCONFDIR)/occamy/occamy.ini"' \

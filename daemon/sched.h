@@ -195,6 +195,10 @@ void sched_get_stats(struct sched *s, struct sched_stats *out);
 /* Fills up to n views; returns the number of slots. */
 unsigned sched_get_slots(struct sched *s, struct slot_view *v, unsigned n);
 
+/* Scheduling policy (SCHED_OTHER, SCHED_IDLE...) of the thread running the
+ * task in this slot, or -1 if the slot is empty. */
+int sched_slot_thread_policy(struct sched *s, unsigned slot);
+
 /* Policy of helper threads actually in force (for the start-up log line). */
 const char *sched_helper_mode(const struct sched *s);
 

@@ -1,0 +1,1687 @@
+/*
+ * sched.c - the slot scheduler.  Owns the slots, the worker threads that run
+ * tasks in them, admission and preemption of requests, the expansion pass,
+ * the store of external help requests and the routing of control messages.
+ *
+ * Locking: one mutex (s->mu) guards every field of struct sched, its slots,
+ * workers and jobs.  It is never held while plugin code runs (make_task,
+ * run, expand, handle, destroy) nor while a message is settled, so a slow
+ * plugin or transport never blocks the scheduler.  Jobs are reference
+ * counted so that a task is destroyed only after every callback returned.
+ *
+ * Threads: 2 x slots workers (a protected pool at normal priority and a
+ * helper pool, at SCHED_IDLE unless helper_priority = normal), one admission
+ * thread, one expansion thread, and a few control dispatchers.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "sched.h"
+
+#define CONTROL_BACKLOG_MAX 256 /* per task; oldest dropped beyond */
+#define DISPATCHERS_MAX 64
+#define EXPANSION_ROUNDS_MAX 8
+
+const double sched_latency_bounds_s[SCHED_LATENCY_BUCKETS] = {
+	0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+	0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+};
+
+struct occamy_cancel {
+	atomic_bool set;
+	pthread_mutex_t mu; /* only for sleepers */
+	pthread_cond_t cv;
+};
+
+/* A control message shared by every task it was routed to; acked when the
+ * last of them has handled it. */
+struct control_ref {
+	struct message *m;
+	unsigned refs;
+};
+
+struct control_item {
+	struct control_ref *ref;
+	struct control_item *next;
+};
+
+struct worker;
+
+struct job {
+	struct task *task;
+	struct message *msg;       /* protected jobs only */
+	enum slot_status kind;     /* PROTECTED, INTERNAL or EXTERNAL */
+	int slot;                  /* -1 while pending or draining */
+	unsigned long serial;
+	unsigned long root;        /* lineage: serial of the protected/external root */
+	uint64_t start_ns;
+	uint64_t cancel_ns;
+	bool cancelled;            /* by the scheduler */
+	bool finished;
+	unsigned refs;
+	struct occamy_cancel cancel;
+	struct worker *worker;
+	struct job *prev, *next;   /* s->running */
+
+	struct control_item *ctl_head, *ctl_tail;
+	unsigned ctl_len;
+	bool ctl_busy, ctl_ready;
+	struct job *ready_next;
+};
+
+struct worker {
+	struct sched *s;
+	pthread_t thread;
+	pid_t tid;
+	bool helper_pool;
+	bool started;
+	struct job *job;
+	pthread_cond_t cv;
+	struct worker *next_free;
+};
+
+struct slot {
+	enum slot_status status;
+	struct job *job;
+	struct job *pending;       /* normal mode: admitted, waiting for the kill */
+	uint64_t pending_deadline_ns;
+};
+
+struct external {
+	struct task *task;
+	int64_t deadline_ms;
+	uint64_t seq;
+};
+
+struct queued_msg {
+	struct message *m;
+	struct queued_msg *next;
+};
+
+struct msg_queue {
+	struct queued_msg *head, *tail;
+};
+
+struct sched {
+	pthread_mutex_t mu;
+	struct sched_config cfg;
+	char *header_task_id;
+	struct task_source src;
+	struct sched_observer obs;
+
+	unsigned nslots;
+	struct slot *slots;
+	struct worker *workers;     /* [0, nslots) protected, [nslots, 2n) helpers */
+	struct worker *free_protected, *free_helpers;
+	struct job *running;
+	unsigned long next_serial;
+	bool helpers_idle;          /* SCHED_IDLE actually in force */
+
+	struct msg_queue admissions;
+	pthread_cond_t admit_cv;
+	pthread_t admit_thread;
+
+	pthread_cond_t expand_cv;
+	bool expand_kick;
+	pthread_t expand_thread;
+
+	struct msg_queue help_requests;
+	struct job *ready_head, *ready_tail;
+	pthread_cond_t control_cv;
+	pthread_t dispatchers[DISPATCHERS_MAX];
+	unsigned ndispatchers;
+
+	struct external *store;
+	unsigned nstore, store_cap;
+	uint64_t store_seq;
+
+	pthread_cond_t idle_cv;     /* a job finished */
+	bool stopping, quit, shut_down, freed_ok, dispatchers_wedged;
+
+	struct sched_stats st;
+};
+
+/* Work collected under the lock and carried out after unlocking. */
+struct deferred_settle {
+	struct message *m;
+	struct settlement set;
+};
+
+struct deferred {
+	struct deferred_settle *settle;
+	unsigned nsettle, cap_settle;
+	struct task **destroy;
+	unsigned ndestroy, cap_destroy;
+	struct job **free_jobs;
+	unsigned nfree, cap_free;
+};
+
+static uint64_t
+now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int64_t
+wall_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void
+deadline_to_timespec(uint64_t mono_ns, struct timespec *ts)
+{
+	ts->tv_sec = (time_t)(mono_ns / 1000000000u);
+	ts->tv_nsec = (long)(mono_ns % 1000000000u);
+}
+
+static void
+cond_init_monotonic(pthread_cond_t *cv)
+{
+	pthread_condattr_t a;
+
+	pthread_condattr_init(&a);
+	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+	pthread_cond_init(cv, &a);
+	pthread_condattr_destroy(&a);
+}
+
+const char *
+slot_status_name(enum slot_status st)
+{
+	static const char *const names[] = {"empty", "protected", "internal", "external"};
+
+	return st < SLOT_STATUS_COUNT ? names[st] : "?";
+}
+
+/* ---- cancel tokens ---- */
+
+static void
+cancel_init(struct occamy_cancel *c)
+{
+	atomic_init(&c->set, false);
+	pthread_mutex_init(&c->mu, NULL);
+	cond_init_monotonic(&c->cv);
+}
+
+static void
+cancel_destroy(struct occamy_cancel *c)
+{
+	pthread_mutex_destroy(&c->mu);
+	pthread_cond_destroy(&c->cv);
+}
+
+static void
+cancel_fire(struct occamy_cancel *c)
+{
+	atomic_store_explicit(&c->set, true, memory_order_release);
+	pthread_mutex_lock(&c->mu);
+	pthread_cond_broadcast(&c->cv);
+	pthread_mutex_unlock(&c->mu);
+}
+
+bool
+cancel_is_set(const struct occamy_cancel *c)
+{
+	return atomic_load_explicit(&c->set, memory_order_acquire);
+}
+
+bool
+cancel_sleep_ms(const struct occamy_cancel *cc, uint64_t ms)
+{
+	/* The token is logically const to plugins; sleeping needs its lock. */
+	struct occamy_cancel *c = (struct occamy_cancel *)cc;
+	uint64_t end = now_ns() + ms * 1000000u;
+	struct timespec ts;
+	bool set;
+
+	deadline_to_timespec(end, &ts);
+	pthread_mutex_lock(&c->mu);
+	while (!(set = cancel_is_set(c)) && now_ns() < end)
+		if (pthread_cond_timedwait(&c->cv, &c->mu, &ts) == ETIMEDOUT)
+			break;
+	set = cancel_is_set(c);
+	pthread_mutex_unlock(&c->mu);
+	return set;
+}
+
+/* ---- deferred work ---- */
+
+static void
+defer_settle(struct deferred *d, struct message *m, enum settle_outcome o,
+	     const char *reason)
+{
+	if (m == NULL)
+		return;
+	if (d->nsettle == d->cap_settle) {
+		d->cap_settle = d->cap_settle ? 2 * d->cap_settle : 8;
+		d->settle = xrealloc(d->settle, d->cap_settle * sizeof(*d->settle));
+	}
+	d->settle[d->nsettle].m = m;
+	d->settle[d->nsettle].set = (struct settlement){.outcome = o, .reason = reason};
+	d->nsettle++;
+}
+
+static void
+defer_destroy(struct deferred *d, struct task *t)
+{
+	if (t == NULL)
+		return;
+	if (d->ndestroy == d->cap_destroy) {
+		d->cap_destroy = d->cap_destroy ? 2 * d->cap_destroy : 8;
+		d->destroy = xrealloc(d->destroy, d->cap_destroy * sizeof(*d->destroy));
+	}
+	d->destroy[d->ndestroy++] = t;
+}
+
+static void
+defer_free_job(struct deferred *d, struct job *j)
+{
+	if (d->nfree == d->cap_free) {
+		d->cap_free = d->cap_free ? 2 * d->cap_free : 8;
+		d->free_jobs = xrealloc(d->free_jobs, d->cap_free * sizeof(*d->free_jobs));
+	}
+	d->free_jobs[d->nfree++] = j;
+}
+
+static void
+count_settlement(struct sched *s, enum settle_outcome o)
+{
+	s->st.settled[o]++;
+}
+
+/* Called without the lock. */
+static void
+deferred_run(struct deferred *d)
+{
+	unsigned i;
+
+	for (i = 0; i < d->nsettle; i++)
+		d->settle[i].m->ops->settle(d->settle[i].m, &d->settle[i].set);
+	for (i = 0; i < d->ndestroy; i++)
+		d->destroy[i]->ops->destroy(d->destroy[i]);
+	for (i = 0; i < d->nfree; i++) {
+		struct job *j = d->free_jobs[i];
+		j->task->ops->destroy(j->task);
+		cancel_destroy(&j->cancel);
+		free(j);
+	}
+	free(d->settle);
+	free(d->destroy);
+	free(d->free_jobs);
+	memset(d, 0, sizeof(*d));
+}
+
+/* ---- jobs ---- */
+
+static struct job *
+job_new(struct sched *s, struct task *t, struct message *m, enum slot_status kind,
+	unsigned long root)
+{
+	struct job *j = xcalloc(1, sizeof(*j));
+
+	j->task = t;
+	j->msg = m;
+	j->kind = kind;
+	j->slot = -1;
+	j->serial = ++s->next_serial;
+	j->root = root ? root : j->serial;
+	j->refs = 1; /* the worker's */
+	cancel_init(&j->cancel);
+	return j;
+}
+
+static void
+job_unref(struct sched *s, struct job *j, struct deferred *d)
+{
+	(void)s;
+	if (--j->refs == 0)
+		defer_free_job(d, j);
+}
+
+static void
+job_cancel(struct job *j)
+{
+	if (j->cancelled || j->finished)
+		return;
+	j->cancelled = true;
+	j->cancel_ns = now_ns();
+	cancel_fire(&j->cancel);
+}
+
+static struct worker *
+worker_take(struct sched *s, bool helper)
+{
+	struct worker **list = helper ? &s->free_helpers : &s->free_protected;
+	struct worker *w = *list;
+
+	if (w != NULL)
+		*list = w->next_free;
+	return w;
+}
+
+/* Put j into slot i and hand it to a worker.  Caller checked both exist. */
+static void
+job_start(struct sched *s, struct job *j, unsigned i)
+{
+	struct worker *w = worker_take(s, j->kind != SLOT_PROTECTED);
+
+	if (w == NULL)
+		fatalx("sched: no free worker for a %s task (bug)", slot_status_name(j->kind));
+	s->slots[i].status = j->kind;
+	s->slots[i].job = j;
+	j->slot = (int)i;
+	j->start_ns = now_ns();
+	j->worker = w;
+	j->next = s->running;
+	j->prev = NULL;
+	if (s->running)
+		s->running->prev = j;
+	s->running = j;
+	if (j->kind != SLOT_PROTECTED)
+		s->st.expansions[j->kind]++;
+	w->job = j;
+	pthread_cond_signal(&w->cv);
+}
+
+static unsigned
+count_empty(const struct sched *s, int *first)
+{
+	unsigned i, n = 0;
+
+	*first = -1;
+	for (i = 0; i < s->nslots; i++) {
+		if (s->slots[i].status == SLOT_EMPTY && s->slots[i].pending == NULL) {
+			if (*first < 0)
+				*first = (int)i;
+			n++;
+		}
+	}
+	return n;
+}
+
+static unsigned
+free_helper_workers(const struct sched *s)
+{
+	unsigned n = 0;
+	const struct worker *w;
+
+	for (w = s->free_helpers; w != NULL; w = w->next_free)
+		n++;
+	return n;
+}
+
+/* How many helpers may start now: empty slots beyond the buffer, and no
+ * more than the helper threads that are not draining. */
+static unsigned
+helper_room(const struct sched *s)
+{
+	int first;
+	unsigned empty = count_empty(s, &first);
+	unsigned room = empty > s->cfg.expansion_slot_buffer ?
+				empty - s->cfg.expansion_slot_buffer : 0;
+	unsigned workers = free_helper_workers(s);
+
+	return room < workers ? room : workers;
+}
+
+static void
+kick_expansion(struct sched *s)
+{
+	s->expand_kick = true;
+	pthread_cond_signal(&s->expand_cv);
+}
+
+/* ---- control routing ---- */
+
+static void
+control_unref(struct sched *s, struct control_ref *r, struct deferred *d)
+{
+	if (--r->refs == 0) {
+		count_settlement(s, SETTLE_ACK);
+		defer_settle(d, r->m, SETTLE_ACK, NULL);
+		free(r);
+	}
+}
+
+static void
+job_flush_control(struct sched *s, struct job *j, struct deferred *d)
+{
+	struct control_item *it, *next;
+
+	for (it = j->ctl_head; it != NULL; it = next) {
+		next = it->next;
+		control_unref(s, it->ref, d);
+		free(it);
+	}
+	j->ctl_head = j->ctl_tail = NULL;
+	j->ctl_len = 0;
+}
+
+static void
+ready_push(struct sched *s, struct job *j)
+{
+	if (j->ctl_ready || j->ctl_busy || j->ctl_head == NULL)
+		return;
+	j->ctl_ready = true;
+	j->refs++; /* the ready list's */
+	j->ready_next = NULL;
+	if (s->ready_tail)
+		s->ready_tail->ready_next = j;
+	else
+		s->ready_head = j;
+	s->ready_tail = j;
+	pthread_cond_signal(&s->control_cv);
+}
+
+static void
+job_enqueue_control(struct sched *s, struct job *j, struct control_ref *r,
+		    struct deferred *d)
+{
+	struct control_item *it = xcalloc(1, sizeof(*it));
+
+	if (j->ctl_len == CONTROL_BACKLOG_MAX) {
+		struct control_item *old = j->ctl_head;
+		j->ctl_head = old->next;
+		if (j->ctl_head == NULL)
+			j->ctl_tail = NULL;
+		j->ctl_len--;
+		s->st.control_dropped++;
+		control_unref(s, old->ref, d);
+		free(old);
+	}
+	r->refs++;
+	it->ref = r;
+	if (j->ctl_tail)
+		j->ctl_tail->next = it;
+	else
+		j->ctl_head = it;
+	j->ctl_tail = it;
+	j->ctl_len++;
+	ready_push(s, j);
+}
+
+/* ---- job completion ---- */
+
+static void
+cancel_lineage(struct sched *s, unsigned long root, const struct job *except)
+{
+	struct job *j;
+
+	for (j = s->running; j != NULL; j = j->next)
+		if (j->root == root && j != except && j->kind != SLOT_PROTECTED)
+			job_cancel(j);
+}
+
+static enum settle_outcome
+outcome_of(enum occamy_status st, bool cancelled)
+{
+	if (st == OCCAMY_OK)
+		return SETTLE_ACK;
+	if (cancelled || st == OCCAMY_ERR_INTERRUPTED)
+		return SETTLE_REQUEUE;
+	if (st == OCCAMY_ERR_INTERNAL)
+		return SETTLE_RETRY;
+	return SETTLE_DEAD_LETTER;
+}
+
+static const char *
+status_reason(enum occamy_status st)
+{
+	switch (st) {
+	case OCCAMY_OK: return "ok";
+	case OCCAMY_ERR_INVALID_BODY: return "invalid_body";
+	case OCCAMY_ERR_INVALID_HEADERS: return "invalid_headers";
+	case OCCAMY_ERR_INVALID_TASK: return "invalid_task";
+	case OCCAMY_ERR_INTERNAL: return "internal_error";
+	case OCCAMY_ERR_INTERRUPTED: return "task_interrupted";
+	}
+	return "unknown_status";
+}
+
+/* The worker returned from run(): free the slot (or hand it to a pending
+ * admission), end the job's helpers, and decide the settlement. */
+static void
+job_finish(struct sched *s, struct job *j, enum occamy_status st,
+	   struct occamy_output *out, struct deferred *d, struct settlement *set,
+	   struct message **settle_msg, double *seconds)
+{
+	uint64_t t = now_ns();
+
+	j->finished = true;
+	*seconds = (double)(t - j->start_ns) / 1e9;
+	s->st.completed++;
+	if (j->prev)
+		j->prev->next = j->next;
+	else
+		s->running = j->next;
+	if (j->next)
+		j->next->prev = j->prev;
+	j->prev = j->next = NULL;
+
+	if (j->slot >= 0) {
+		struct slot *sl = &s->slots[j->slot];
+		sl->job = NULL;
+		sl->status = SLOT_EMPTY;
+		if (sl->pending != NULL) {
+			struct job *p = sl->pending;
+			sl->pending = NULL;
+			job_start(s, p, (unsigned)j->slot);
+		}
+		j->slot = -1;
+	}
+	if (j->kind == SLOT_PROTECTED)
+		s->st.busy_task_seconds += *seconds;
+	/* Helpers end with their root: their work is for nobody now. */
+	if (j->root == j->serial)
+		cancel_lineage(s, j->root, j);
+	job_flush_control(s, j, d);
+
+	*settle_msg = NULL;
+	if (j->msg != NULL) {
+		enum settle_outcome o = outcome_of(st, j->cancelled);
+		*settle_msg = j->msg;
+		*set = (struct settlement){.outcome = o};
+		if (o == SETTLE_ACK) {
+			set->reply = out->body;
+			set->reply_len = out->len;
+			set->content_type = out->content_type[0] ? out->content_type : NULL;
+			out->body = NULL;
+		} else {
+			set->reason = status_reason(st);
+		}
+		count_settlement(s, o);
+		j->msg = NULL;
+	} else if (st != OCCAMY_OK && !(j->cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
+		s->st.helper_errors++;
+	}
+	kick_expansion(s);
+	pthread_cond_broadcast(&s->idle_cv);
+}
+
+static void
+set_helper_priority(struct worker *w)
+{
+	struct sched_param sp = {.sched_priority = 0};
+
+	if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) == 0)
+		return;
+	/* Not allowed here: the next best thing is the lowest nice value. */
+	if (setpriority(PRIO_PROCESS, (id_t)w->tid, 19) != 0)
+		log_warn("sched: cannot lower helper thread priority");
+}
+
+static void *
+worker_main(void *arg)
+{
+	struct worker *w = arg;
+	struct sched *s = w->s;
+
+	w->tid = (pid_t)syscall(SYS_gettid);
+	if (w->helper_pool && s->cfg.helper_priority == HELPER_PRIORITY_IDLE)
+		set_helper_priority(w);
+
+	pthread_mutex_lock(&s->mu);
+	w->started = true;
+	pthread_cond_broadcast(&s->idle_cv);
+	for (;;) {
+		struct job *j;
+		struct occamy_output out;
+		struct deferred d = {0};
+		struct settlement set = {0};
+		struct message *msg;
+		enum occamy_status st;
+		double seconds;
+		char group[64];
+		enum slot_status kind;
+		bool was_cancelled;
+
+		while (w->job == NULL && !s->quit)
+			pthread_cond_wait(&w->cv, &s->mu);
+		if (w->job == NULL)
+			break;
+		j = w->job;
+		if (j->kind == SLOT_PROTECTED && j->msg != NULL) {
+			double lat = (double)(now_ns() - j->msg->arrival_ns) / 1e9;
+			unsigned b;
+			for (b = 0; b < SCHED_LATENCY_BUCKETS; b++)
+				if (lat <= sched_latency_bounds_s[b])
+					break;
+			s->st.admit_latency_buckets[b]++;
+			s->st.admit_latency_sum_s += lat;
+			s->st.admit_latency_count++;
+		}
+		pthread_mutex_unlock(&s->mu);
+
+		memset(&out, 0, sizeof(out));
+		st = j->task->ops->run(j->task, &j->cancel, &out);
+
+		pthread_mutex_lock(&s->mu);
+		kind = j->kind;
+		was_cancelled = j->cancelled;
+		snprintf(group, sizeof(group), "%s", j->task->group);
+		job_finish(s, j, st, &out, &d, &set, &msg, &seconds);
+		w->job = NULL;
+		j->worker = NULL;
+		w->next_free = w->helper_pool ? s->free_helpers : s->free_protected;
+		if (w->helper_pool)
+			s->free_helpers = w;
+		else
+			s->free_protected = w;
+		job_unref(s, j, &d);
+		pthread_mutex_unlock(&s->mu);
+
+		if (msg != NULL) {
+			char reason[300];
+			if (set.outcome != SETTLE_ACK) {
+				snprintf(reason, sizeof(reason), "%s%s%s", status_reason(st),
+					 out.message[0] ? ": " : "", out.message);
+				set.reason = reason;
+			}
+			msg->ops->settle(msg, &set);
+		} else if (st != OCCAMY_OK && !(was_cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
+			log_warnx("%s helper (%s) failed: %s%s%s", slot_status_name(kind),
+				  group, status_reason(st), out.message[0] ? ": " : "",
+				  out.message);
+		}
+		free(out.body);
+		if (s->obs.task_done)
+			s->obs.task_done(s->obs.ctx, group, kind, st, seconds);
+		deferred_run(&d);
+		pthread_mutex_lock(&s->mu);
+	}
+	pthread_mutex_unlock(&s->mu);
+	return NULL;
+}
+
+/* ---- admission ---- */
+
+static enum settle_outcome
+outcome_of_make_error(enum occamy_status st)
+{
+	return outcome_of(st, false);
+}
+
+/* The unprotected job to stop for a request: external before internal, and
+ * among equals the most recently started (least work lost). */
+static int
+choose_victim(const struct sched *s)
+{
+	int best = -1;
+	unsigned i;
+
+	for (i = 0; i < s->nslots; i++) {
+		const struct slot *sl = &s->slots[i];
+		const struct slot *b;
+
+		if (sl->pending != NULL || sl->job == NULL || sl->job->cancelled)
+			continue;
+		if (sl->status != SLOT_EXTERNAL && sl->status != SLOT_INTERNAL)
+			continue;
+		if (best < 0) {
+			best = (int)i;
+			continue;
+		}
+		b = &s->slots[best];
+		if (sl->status != b->status) {
+			if (sl->status == SLOT_EXTERNAL)
+				best = (int)i;
+		} else if (sl->job->start_ns > b->job->start_ns) {
+			best = (int)i;
+		}
+	}
+	return best;
+}
+
+static void
+admit_one(struct sched *s, struct message *m)
+{
+	struct deferred d = {0};
+	struct task *t = NULL;
+	char why[256] = "";
+	enum occamy_status st;
+	int slot, victim;
+
+	pthread_mutex_lock(&s->mu);
+	if (s->stopping) {
+		count_settlement(s, SETTLE_REQUEUE);
+		pthread_mutex_unlock(&s->mu);
+		m->ops->settle(m, &(struct settlement){SETTLE_REQUEUE, "shutting down", NULL, 0, NULL});
+		return;
+	}
+	pthread_mutex_unlock(&s->mu);
+
+	st = s->src.make_task(s->src.ctx, m, false, &t, why, sizeof(why));
+	if (st == OCCAMY_OK && t == NULL) {
+		st = OCCAMY_ERR_INTERNAL;
+		snprintf(why, sizeof(why), "handler returned no task");
+	}
+	if (st != OCCAMY_OK) {
+		enum settle_outcome o = outcome_of_make_error(st);
+		char reason[300];
+
+		pthread_mutex_lock(&s->mu);
+		s->st.make_task_errors++;
+		count_settlement(s, o);
+		pthread_mutex_unlock(&s->mu);
+		snprintf(reason, sizeof(reason), "%s%s%s", status_reason(st),
+			 why[0] ? ": " : "", why);
+		m->ops->settle(m, &(struct settlement){o, reason, NULL, 0, NULL});
+		return;
+	}
+
+	pthread_mutex_lock(&s->mu);
+	if (s->stopping) {
+		count_settlement(s, SETTLE_REQUEUE);
+		defer_settle(&d, m, SETTLE_REQUEUE, "shutting down");
+		defer_destroy(&d, t);
+		goto out;
+	}
+	/* A protected request may take any empty slot, the buffer included. */
+	count_empty(s, &slot);
+	if (slot >= 0) {
+		s->st.admitted++;
+		job_start(s, job_new(s, t, m, SLOT_PROTECTED, 0), (unsigned)slot);
+		kick_expansion(s);
+		goto out;
+	}
+	victim = choose_victim(s);
+	if (victim < 0) {
+		/* Protected tasks fill the server: another server may have room. */
+		s->st.requeued_no_room++;
+		count_settlement(s, SETTLE_REQUEUE);
+		defer_settle(&d, m, SETTLE_REQUEUE, "no free slot");
+		defer_destroy(&d, t);
+		goto out;
+	}
+	s->st.preemptions++;
+	s->st.admitted++;
+	{
+		struct slot *sl = &s->slots[victim];
+		struct job *h = sl->job;
+		struct job *p = job_new(s, t, m, SLOT_PROTECTED, 0);
+
+		job_cancel(h);
+		if (s->helpers_idle) {
+			/* The helper cannot take CPU from us: start at once and let
+			 * it drain on its idle thread, outside any slot. */
+			h->slot = -1;
+			sl->job = NULL;
+			sl->status = SLOT_EMPTY;
+			job_start(s, p, (unsigned)victim);
+		} else {
+			sl->pending = p;
+			sl->pending_deadline_ns = now_ns() +
+				(uint64_t)s->cfg.kill_timeout_ms * 1000000u;
+			kick_expansion(s); /* arms the kill timer */
+		}
+	}
+out:
+	pthread_mutex_unlock(&s->mu);
+	deferred_run(&d);
+}
+
+static struct message *
+msgq_pop(struct msg_queue *q)
+{
+	struct queued_msg *e = q->head;
+	struct message *m;
+
+	if (e == NULL)
+		return NULL;
+	q->head = e->next;
+	if (q->head == NULL)
+		q->tail = NULL;
+	m = e->m;
+	free(e);
+	return m;
+}
+
+static void
+msgq_push(struct msg_queue *q, struct message *m)
+{
+	struct queued_msg *e = xcalloc(1, sizeof(*e));
+
+	e->m = m;
+	if (q->tail)
+		q->tail->next = e;
+	else
+		q->head = e;
+	q->tail = e;
+}
+
+static void *
+admission_main(void *arg)
+{
+	struct sched *s = arg;
+	struct message *m;
+
+	pthread_mutex_lock(&s->mu);
+	for (;;) {
+		while (s->admissions.head == NULL && !s->quit)
+			pthread_cond_wait(&s->admit_cv, &s->mu);
+		if ((m = msgq_pop(&s->admissions)) == NULL)
+			break;
+		pthread_mutex_unlock(&s->mu);
+		admit_one(s, m);
+		pthread_mutex_lock(&s->mu);
+	}
+	pthread_mutex_unlock(&s->mu);
+	return NULL;
+}
+
+void
+sched_submit_request(struct sched *s, struct message *m)
+{
+	pthread_mutex_lock(&s->mu);
+	if (s->quit) {
+		count_settlement(s, SETTLE_REQUEUE);
+		pthread_mutex_unlock(&s->mu);
+		m->ops->settle(m, &(struct settlement){SETTLE_REQUEUE, "shutting down", NULL, 0, NULL});
+		return;
+	}
+	msgq_push(&s->admissions, m);
+	pthread_cond_signal(&s->admit_cv);
+	pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- external store ---- */
+
+/* Better = higher priority, then older. */
+static bool
+external_before(const struct external *a, const struct external *b)
+{
+	if (a->task->priority != b->task->priority)
+		return a->task->priority > b->task->priority;
+	return a->seq < b->seq;
+}
+
+static void
+store_external(struct sched *s, struct task *t, struct deferred *d)
+{
+	struct external e = {.task = t, .seq = ++s->store_seq};
+	unsigned i;
+
+	e.deadline_ms = t->deadline_ms > 0 ? t->deadline_ms :
+		wall_ms() + (int64_t)s->cfg.external_ttl_ms;
+	if (s->cfg.external_queue_max == 0) {
+		s->st.external_drops[DROP_FULL]++;
+		defer_destroy(d, t);
+		return;
+	}
+	if (s->nstore == s->cfg.external_queue_max) {
+		/* Full: the worst entry (last) makes way only for a better one. */
+		struct external *worst = &s->store[s->nstore - 1];
+		s->st.external_drops[DROP_FULL]++;
+		if (!external_before(&e, worst)) {
+			defer_destroy(d, t);
+			return;
+		}
+		defer_destroy(d, worst->task);
+		s->nstore--;
+	}
+	for (i = s->nstore; i > 0 && external_before(&e, &s->store[i - 1]); i--)
+		s->store[i] = s->store[i - 1];
+	s->store[i] = e;
+	s->nstore++;
+	kick_expansion(s);
+}
+
+static void
+store_prune(struct sched *s, struct deferred *d)
+{
+	int64_t now = wall_ms();
+	unsigned i, k = 0;
+
+	for (i = 0; i < s->nstore; i++) {
+		if (s->store[i].deadline_ms <= now) {
+			s->st.external_drops[DROP_EXPIRED]++;
+			defer_destroy(d, s->store[i].task);
+		} else {
+			s->store[k++] = s->store[i];
+		}
+	}
+	s->nstore = k;
+}
+
+static void
+store_clear(struct sched *s, struct deferred *d)
+{
+	unsigned i;
+
+	for (i = 0; i < s->nstore; i++) {
+		s->st.external_drops[DROP_SHUTDOWN]++;
+		defer_destroy(d, s->store[i].task);
+	}
+	s->nstore = 0;
+}
+
+/* ---- control messages ---- */
+
+void
+sched_submit_control(struct sched *s, struct message *m)
+{
+	const struct occamy_header *h = occamy_headers_find(&m->headers, s->header_task_id);
+	struct deferred d = {0};
+	struct control_ref *r;
+	struct job *j;
+
+	pthread_mutex_lock(&s->mu);
+	if (h == NULL) {
+		if (s->stopping) {
+			s->st.external_drops[DROP_SHUTDOWN]++;
+			count_settlement(s, SETTLE_ACK);
+			defer_settle(&d, m, SETTLE_ACK, NULL);
+		} else {
+			msgq_push(&s->help_requests, m);
+			pthread_cond_signal(&s->control_cv);
+		}
+		goto out;
+	}
+	if (h->kind != OCCAMY_VALUE_STRING || memchr(h->str, '\0', h->len) != NULL) {
+		s->st.control_invalid++;
+		count_settlement(s, SETTLE_DEAD_LETTER);
+		defer_settle(&d, m, SETTLE_DEAD_LETTER,
+			     "invalid_headers: task ID header is not a string");
+		goto out;
+	}
+	r = xcalloc(1, sizeof(*r));
+	r->m = m;
+	r->refs = 1; /* ours, until routing is done */
+	for (j = s->running; j != NULL; j = j->next) {
+		if (j->cancelled || j->task->id == NULL || j->task->ops->handle == NULL)
+			continue;
+		if (strcmp(j->task->id, h->str) == 0)
+			job_enqueue_control(s, j, r, &d);
+	}
+	if (r->refs > 1)
+		s->st.control_routed++;
+	else
+		s->st.control_unmatched++;
+	control_unref(s, r, &d);
+out:
+	pthread_mutex_unlock(&s->mu);
+	deferred_run(&d);
+}
+
+static void
+help_request_one(struct sched *s, struct message *m)
+{
+	struct deferred d = {0};
+	struct task *t = NULL;
+	char why[256] = "", reason[300];
+	enum occamy_status st;
+
+	st = s->src.make_task(s->src.ctx, m, true, &t, why, sizeof(why));
+	if (st == OCCAMY_OK && t == NULL) {
+		st = OCCAMY_ERR_INTERNAL;
+		snprintf(why, sizeof(why), "handler returned no task");
+	}
+	pthread_mutex_lock(&s->mu);
+	if (st != OCCAMY_OK) {
+		/* A help request is advice, never retried: invalid or not. */
+		s->st.make_task_errors++;
+		s->st.control_invalid++;
+		count_settlement(s, SETTLE_DEAD_LETTER);
+		pthread_mutex_unlock(&s->mu);
+		snprintf(reason, sizeof(reason), "%s%s%s", status_reason(st),
+			 why[0] ? ": " : "", why);
+		m->ops->settle(m, &(struct settlement){SETTLE_DEAD_LETTER, reason, NULL, 0, NULL});
+		return;
+	}
+	if (s->stopping) {
+		s->st.external_drops[DROP_SHUTDOWN]++;
+		defer_destroy(&d, t);
+	} else {
+		store_external(s, t, &d);
+	}
+	count_settlement(s, SETTLE_ACK);
+	defer_settle(&d, m, SETTLE_ACK, NULL);
+	pthread_mutex_unlock(&s->mu);
+	deferred_run(&d);
+}
+
+static void *
+dispatcher_main(void *arg)
+{
+	struct sched *s = arg;
+
+	pthread_mutex_lock(&s->mu);
+	for (;;) {
+		struct deferred d = {0};
+		struct control_item *it;
+		struct message *m;
+		struct job *j;
+
+		while (s->ready_head == NULL && s->help_requests.head == NULL && !s->quit)
+			pthread_cond_wait(&s->control_cv, &s->mu);
+		if ((m = msgq_pop(&s->help_requests)) != NULL) {
+			pthread_mutex_unlock(&s->mu);
+			help_request_one(s, m);
+			pthread_mutex_lock(&s->mu);
+			continue;
+		}
+		if ((j = s->ready_head) == NULL)
+			break; /* quit */
+		s->ready_head = j->ready_next;
+		if (s->ready_head == NULL)
+			s->ready_tail = NULL;
+		j->ctl_ready = false;
+		it = j->ctl_head;
+		if (it == NULL || j->finished) {
+			job_unref(s, j, &d);
+			pthread_mutex_unlock(&s->mu);
+			deferred_run(&d);
+			pthread_mutex_lock(&s->mu);
+			continue;
+		}
+		j->ctl_head = it->next;
+		if (j->ctl_head == NULL)
+			j->ctl_tail = NULL;
+		j->ctl_len--;
+		j->ctl_busy = true;
+		pthread_mutex_unlock(&s->mu);
+
+		j->task->ops->handle(j->task, &it->ref->m->headers, it->ref->m->body,
+				     it->ref->m->len);
+
+		pthread_mutex_lock(&s->mu);
+		j->ctl_busy = false;
+		control_unref(s, it->ref, &d);
+		free(it);
+		if (!j->finished)
+			ready_push(s, j);
+		job_unref(s, j, &d); /* the ready list's reference we consumed */
+		pthread_mutex_unlock(&s->mu);
+		deferred_run(&d);
+		pthread_mutex_lock(&s->mu);
+	}
+	pthread_mutex_unlock(&s->mu);
+	return NULL;
+}
+
+/* ---- expansion ---- */
+
+/* Offer the helper room to every running job of one kind, shared fairly,
+ * in rounds while someone still takes all it is offered.  Called and
+ * returns with the lock held; drops it around expand(). */
+static void
+expand_class(struct sched *s, enum slot_status kind, struct deferred *d)
+{
+	struct job **cand = NULL;
+	bool *done = NULL;
+	unsigned ncand = 0, cap = 0, i, round;
+	struct job *j;
+
+	for (j = s->running; j != NULL; j = j->next) {
+		if (j->kind != kind || j->cancelled || j->slot < 0 ||
+		    j->task->ops->expand == NULL)
+			continue;
+		if (ncand == cap) {
+			cap = cap ? 2 * cap : 8;
+			cand = xrealloc(cand, cap * sizeof(*cand));
+		}
+		j->refs++;
+		cand[ncand++] = j;
+	}
+	if (ncand == 0)
+		return;
+	done = xcalloc(ncand, sizeof(*done));
+	/* Oldest first, so the remainder of a fair share goes to them. */
+	for (i = 0; i < ncand / 2; i++) {
+		struct job *tmp = cand[i];
+		cand[i] = cand[ncand - 1 - i];
+		cand[ncand - 1 - i] = tmp;
+	}
+	for (round = 0; round < EXPANSION_ROUNDS_MAX && !s->stopping; round++) {
+		unsigned room = helper_room(s), active = 0, k = 0, progress = 0;
+
+		for (i = 0; i < ncand; i++)
+			if (!done[i] && !cand[i]->finished && !cand[i]->cancelled)
+				active++;
+		if (room == 0 || active == 0)
+			break;
+		for (i = 0; i < ncand; i++) {
+			unsigned share, got, h;
+			struct task **helpers;
+			struct job *p = cand[i];
+
+			if (done[i] || p->finished || p->cancelled)
+				continue;
+			share = room / active + (k < room % active ? 1 : 0);
+			k++;
+			if (share == 0)
+				continue;
+			helpers = xcalloc(share, sizeof(*helpers));
+			pthread_mutex_unlock(&s->mu);
+			got = (unsigned)p->task->ops->expand(p->task, share, helpers);
+			pthread_mutex_lock(&s->mu);
+			if (got > share) {
+				log_warnx("expand of %s returned %u helpers, asked %u",
+					  p->task->group, got, share);
+				got = share;
+			}
+			if (got < share)
+				done[i] = true;
+			progress += got;
+			for (h = 0; h < got; h++) {
+				int slot;
+				enum slot_status hk = kind == SLOT_EXTERNAL ?
+					SLOT_EXTERNAL : SLOT_INTERNAL;
+
+				if (helpers[h] == NULL)
+					continue;
+				count_empty(s, &slot);
+				/* Room may have gone to a request meanwhile. */
+				if (s->stopping || p->finished || p->cancelled ||
+				    helper_room(s) == 0 || slot < 0) {
+					defer_destroy(d, helpers[h]);
+					continue;
+				}
+				job_start(s, job_new(s, helpers[h], NULL, hk, p->root),
+					  (unsigned)slot);
+			}
+			free(helpers);
+		}
+		if (progress == 0)
+			break;
+	}
+	for (i = 0; i < ncand; i++)
+		job_unref(s, cand[i], d);
+	free(cand);
+	free(done);
+}
+
+static void
+expansion_pass(struct sched *s, struct deferred *d)
+{
+	store_prune(s, d);
+	if (s->stopping)
+		return;
+	expand_class(s, SLOT_PROTECTED, d);
+	expand_class(s, SLOT_INTERNAL, d);
+	expand_class(s, SLOT_EXTERNAL, d);
+	while (!s->stopping && s->nstore > 0 && helper_room(s) > 0) {
+		struct external e = s->store[0];
+		int slot;
+
+		memmove(&s->store[0], &s->store[1], (s->nstore - 1) * sizeof(*s->store));
+		s->nstore--;
+		count_empty(s, &slot);
+		job_start(s, job_new(s, e.task, NULL, SLOT_EXTERNAL, 0), (unsigned)slot);
+	}
+}
+
+/* Kill timeouts: requeue admissions whose helper did not stop in time. */
+static uint64_t
+check_kill_timeouts(struct sched *s, struct deferred *d)
+{
+	uint64_t now = now_ns(), next = UINT64_MAX;
+	uint64_t kill_ns = (uint64_t)s->cfg.kill_timeout_ms * 1000000u;
+	unsigned i;
+	struct job *j;
+
+	for (i = 0; i < s->nslots; i++) {
+		struct slot *sl = &s->slots[i];
+		struct job *p = sl->pending;
+
+		if (p == NULL)
+			continue;
+		if (sl->pending_deadline_ns > now) {
+			if (sl->pending_deadline_ns < next)
+				next = sl->pending_deadline_ns;
+			continue;
+		}
+		sl->pending = NULL;
+		s->st.requeued_kill_timeout++;
+		log_warnx("slot %u: %s helper ignored cancellation for %u ms; "
+			  "request requeued, slot stuck until it returns",
+			  i, sl->job ? sl->job->task->group : "?", s->cfg.kill_timeout_ms);
+		count_settlement(s, SETTLE_REQUEUE);
+		defer_settle(d, p->msg, SETTLE_REQUEUE, "kill timeout: no slot freed in time");
+		p->msg = NULL;
+		defer_destroy(d, p->task);
+		cancel_destroy(&p->cancel);
+		free(p);
+	}
+	/* Wake up again when a cancelled job would turn stuck, for the count. */
+	for (j = s->running; j != NULL; j = j->next)
+		if (j->cancelled && j->cancel_ns + kill_ns > now &&
+		    j->cancel_ns + kill_ns < next)
+			next = j->cancel_ns + kill_ns;
+	return next;
+}
+
+static void *
+expansion_main(void *arg)
+{
+	struct sched *s = arg;
+
+	pthread_mutex_lock(&s->mu);
+	while (!s->quit) {
+		struct deferred d = {0};
+		uint64_t now = now_ns();
+		uint64_t next = now + (uint64_t)s->cfg.expansion_period_ms * 1000000u;
+		uint64_t kt = check_kill_timeouts(s, &d);
+		struct timespec ts;
+
+		if (kt < next)
+			next = kt;
+		expansion_pass(s, &d);
+		s->expand_kick = false;
+		pthread_mutex_unlock(&s->mu);
+		deferred_run(&d);
+		pthread_mutex_lock(&s->mu);
+		deadline_to_timespec(next, &ts);
+		while (!s->expand_kick && !s->quit)
+			if (pthread_cond_timedwait(&s->expand_cv, &s->mu, &ts) == ETIMEDOUT)
+				break;
+	}
+	pthread_mutex_unlock(&s->mu);
+	return NULL;
+}
+
+void
+sched_expand_now(struct sched *s)
+{
+	pthread_mutex_lock(&s->mu);
+	kick_expansion(s);
+	pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- life cycle ---- */
+
+static void
+start_thread(pthread_t *th, void *(*fn)(void *), void *arg, const char *name)
+{
+	int e = pthread_create(th, NULL, fn, arg);
+
+	if (e != 0) {
+		errno = e;
+		fatal("sched: cannot start %s thread", name);
+	}
+	pthread_setname_np(*th, name);
+}
+
+static void
+copy_config(struct sched *s, const struct sched_config *cfg)
+{
+	free(s->header_task_id);
+	s->cfg = *cfg;
+	s->header_task_id = xstrdup(cfg->header_task_id ? cfg->header_task_id : "task-id");
+	s->cfg.header_task_id = s->header_task_id;
+	if (s->cfg.expansion_period_ms == 0)
+		s->cfg.expansion_period_ms = 1000;
+	if (s->cfg.kill_timeout_ms == 0)
+		s->cfg.kill_timeout_ms = 1;
+}
+
+static bool
+idle_policy_works(void)
+{
+	/* Probe on a throwaway thread: SCHED_IDLE cannot be undone without
+	 * privilege, which is why helpers keep threads of their own. */
+	return sched_get_priority_min(SCHED_IDLE) >= 0;
+}
+
+struct sched *
+sched_new(const struct sched_config *cfg, const struct task_source *src,
+	  const struct sched_observer *obs)
+{
+	struct sched *s = xcalloc(1, sizeof(*s));
+	unsigned i;
+
+	if (cfg->slots == 0)
+		fatalx("sched: zero slots");
+	pthread_mutex_init(&s->mu, NULL);
+	copy_config(s, cfg);
+	s->src = *src;
+	if (obs)
+		s->obs = *obs;
+	s->nslots = cfg->slots;
+	s->st.slots = cfg->slots;
+	s->slots = xcalloc(s->nslots, sizeof(*s->slots));
+	s->store_cap = cfg->external_queue_max ? cfg->external_queue_max : 1;
+	s->store = xcalloc(s->store_cap, sizeof(*s->store));
+	s->helpers_idle = cfg->helper_priority == HELPER_PRIORITY_IDLE && idle_policy_works();
+	if (!s->helpers_idle)
+		s->cfg.helper_priority = HELPER_PRIORITY_NORMAL;
+	cond_init_monotonic(&s->admit_cv);
+	cond_init_monotonic(&s->expand_cv);
+	cond_init_monotonic(&s->control_cv);
+	cond_init_monotonic(&s->idle_cv);
+
+	s->workers = xcalloc(2 * s->nslots, sizeof(*s->workers));
+	pthread_mutex_lock(&s->mu);
+	for (i = 0; i < 2 * s->nslots; i++) {
+		struct worker *w = &s->workers[i];
+		char name[32];
+
+		w->s = s;
+		w->helper_pool = i >= s->nslots;
+		cond_init_monotonic(&w->cv);
+		snprintf(name, sizeof(name), "%s%u", w->helper_pool ? "helper" : "slot",
+			 i % s->nslots);
+		name[15] = '\0'; /* the kernel's limit for thread names */
+		start_thread(&w->thread, worker_main, w, name);
+		if (w->helper_pool) {
+			w->next_free = s->free_helpers;
+			s->free_helpers = w;
+		} else {
+			w->next_free = s->free_protected;
+			s->free_protected = w;
+		}
+	}
+	/* Wait until every worker knows its tid and priority. */
+	for (i = 0; i < 2 * s->nslots; i++)
+		while (!s->workers[i].started)
+			pthread_cond_wait(&s->idle_cv, &s->mu);
+	pthread_mutex_unlock(&s->mu);
+
+	s->ndispatchers = s->nslots + 1 < 2 ? 2 : s->nslots + 1;
+	if (s->ndispatchers > DISPATCHERS_MAX)
+		s->ndispatchers = DISPATCHERS_MAX;
+	start_thread(&s->admit_thread, admission_main, s, "admission");
+	start_thread(&s->expand_thread, expansion_main, s, "expansion");
+	for (i = 0; i < s->ndispatchers; i++)
+		start_thread(&s->dispatchers[i], dispatcher_main, s, "control");
+	return s;
+}
+
+const char *
+sched_helper_mode(const struct sched *s)
+{
+	return s->helpers_idle ? "idle (helpers on SCHED_IDLE threads)" :
+				 "normal (helpers share the CPU; admission waits for them)";
+}
+
+void
+sched_reconfigure(struct sched *s, const struct sched_config *cfg)
+{
+	struct deferred d = {0};
+	unsigned slots, cap;
+	enum helper_priority hp;
+
+	pthread_mutex_lock(&s->mu);
+	if (cfg->slots != s->nslots)
+		log_warnx("slots changed from %u to %u: takes effect at restart",
+			  s->nslots, cfg->slots);
+	if ((cfg->helper_priority == HELPER_PRIORITY_IDLE) != s->helpers_idle)
+		log_warnx("helper_priority change takes effect at restart");
+	slots = s->cfg.slots;
+	hp = s->cfg.helper_priority;
+	copy_config(s, cfg);
+	s->cfg.slots = slots;
+	s->cfg.helper_priority = hp;
+	cap = s->cfg.external_queue_max ? s->cfg.external_queue_max : 1;
+	if (cap > s->store_cap) {
+		s->store = xrealloc(s->store, cap * sizeof(*s->store));
+		s->store_cap = cap;
+	}
+	while (s->nstore > s->cfg.external_queue_max) {
+		s->st.external_drops[DROP_FULL]++;
+		defer_destroy(&d, s->store[--s->nstore].task);
+	}
+	kick_expansion(s);
+	pthread_mutex_unlock(&s->mu);
+	deferred_run(&d);
+}
+
+void
+sched_cancel_requests(struct sched *s)
+{
+	struct deferred d = {0};
+	struct job *j;
+	unsigned i;
+
+	pthread_mutex_lock(&s->mu);
+	for (j = s->running; j != NULL; j = j->next)
+		if (j->kind == SLOT_PROTECTED)
+			job_cancel(j);
+	for (i = 0; i < s->nslots; i++) {
+		struct job *p = s->slots[i].pending;
+		if (p == NULL)
+			continue;
+		s->slots[i].pending = NULL;
+		count_settlement(s, SETTLE_REQUEUE);
+		defer_settle(&d, p->msg, SETTLE_REQUEUE, "connection lost");
+		defer_destroy(&d, p->task);
+		cancel_destroy(&p->cancel);
+		free(p);
+	}
+	pthread_mutex_unlock(&s->mu);
+	deferred_run(&d);
+}
+
+static bool
+any_running(const struct sched *s, bool protected_only)
+{
+	const struct job *j;
+
+	for (j = s->running; j != NULL; j = j->next)
+		if (!protected_only || j->kind == SLOT_PROTECTED)
+			return true;
+	return false;
+}
+
+static void
+wait_until_idle(struct sched *s, bool protected_only, uint64_t deadline)
+{
+	struct timespec ts;
+
+	deadline_to_timespec(deadline, &ts);
+	while (any_running(s, protected_only) && now_ns() < deadline)
+		if (pthread_cond_timedwait(&s->idle_cv, &s->mu, &ts) == ETIMEDOUT)
+			break;
+}
+
+void
+sched_shutdown(struct sched *s)
+{
+	struct deferred d = {0};
+	struct message *m;
+	struct job *j;
+	uint64_t kill_ns;
+	unsigned i;
+
+	pthread_mutex_lock(&s->mu);
+	if (s->stopping) {
+		while (!s->shut_down)
+			pthread_cond_wait(&s->idle_cv, &s->mu);
+		pthread_mutex_unlock(&s->mu);
+		return;
+	}
+	s->stopping = true;
+	kill_ns = (uint64_t)s->cfg.kill_timeout_ms * 1000000u;
+	store_clear(s, &d);
+	for (j = s->running; j != NULL; j = j->next)
+		if (j->kind != SLOT_PROTECTED)
+			job_cancel(j);
+	for (i = 0; i < s->nslots; i++) {
+		struct job *p = s->slots[i].pending;
+		if (p == NULL)
+			continue;
+		s->slots[i].pending = NULL;
+		count_settlement(s, SETTLE_REQUEUE);
+		pthread_mutex_unlock(&s->mu);
+		p->msg->ops->settle(p->msg, &(struct settlement){SETTLE_REQUEUE, "shutting down", NULL, 0, NULL});
+		p->task->ops->destroy(p->task);
+		cancel_destroy(&p->cancel);
+		free(p);
+		pthread_mutex_lock(&s->mu);
+	}
+	pthread_mutex_unlock(&s->mu);
+	deferred_run(&d);
+	pthread_mutex_lock(&s->mu);
+
+	wait_until_idle(s, true, now_ns() + (uint64_t)s->cfg.shutdown_grace_ms * 1000000u);
+	for (j = s->running; j != NULL; j = j->next)
+		job_cancel(j);
+	wait_until_idle(s, false, now_ns() + kill_ns);
+	if (any_running(s, false))
+		log_warnx("shutdown: some tasks ignore cancellation; their messages "
+			  "return to the broker when the connection closes");
+
+	s->quit = true;
+	pthread_cond_broadcast(&s->admit_cv);
+	pthread_cond_broadcast(&s->expand_cv);
+	pthread_cond_broadcast(&s->control_cv);
+	for (i = 0; i < 2 * s->nslots; i++)
+		pthread_cond_signal(&s->workers[i].cv);
+	pthread_mutex_unlock(&s->mu);
+
+	pthread_join(s->admit_thread, NULL);
+	pthread_join(s->expand_thread, NULL);
+	/* Dispatchers may be inside a blocked handle(): do not wait for ever. */
+	{
+		struct timespec ts;
+		bool wedged = false;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += 1 + s->cfg.kill_timeout_ms / 1000;
+		for (i = 0; i < s->ndispatchers; i++) {
+			if (pthread_timedjoin_np(s->dispatchers[i], NULL, &ts) != 0) {
+				pthread_detach(s->dispatchers[i]);
+				wedged = true;
+			}
+		}
+		if (wedged)
+			log_warnx("shutdown: a control handler is blocked in a plugin");
+		pthread_mutex_lock(&s->mu);
+		s->dispatchers_wedged = wedged;
+		pthread_mutex_unlock(&s->mu);
+	}
+
+	pthread_mutex_lock(&s->mu);
+	while ((m = msgq_pop(&s->admissions)) != NULL) {
+		count_settlement(s, SETTLE_REQUEUE);
+		pthread_mutex_unlock(&s->mu);
+		m->ops->settle(m, &(struct settlement){SETTLE_REQUEUE, "shutting down", NULL, 0, NULL});
+		pthread_mutex_lock(&s->mu);
+	}
+	while ((m = msgq_pop(&s->help_requests)) != NULL) {
+		s->st.external_drops[DROP_SHUTDOWN]++;
+		count_settlement(s, SETTLE_ACK);
+		pthread_mutex_unlock(&s->mu);
+		m->ops->settle(m, &(struct settlement){SETTLE_ACK, NULL, NULL, 0, NULL});
+		pthread_mutex_lock(&s->mu);
+	}
+	s->freed_ok = !any_running(s, false) && !s->dispatchers_wedged;
+	s->shut_down = true;
+	pthread_cond_broadcast(&s->idle_cv);
+	pthread_mutex_unlock(&s->mu);
+}
+
+void
+sched_free(struct sched *s)
+{
+	unsigned i;
+
+	if (s == NULL)
+		return;
+	sched_shutdown(s);
+	if (!s->freed_ok) {
+		/* A wedged plugin thread still uses this memory: leave it to
+		 * the process exit rather than free it under its feet. */
+		for (i = 0; i < 2 * s->nslots; i++)
+			if (s->workers[i].job == NULL)
+				pthread_join(s->workers[i].thread, NULL);
+			else
+				pthread_detach(s->workers[i].thread);
+		return;
+	}
+	for (i = 0; i < 2 * s->nslots; i++) {
+		pthread_join(s->workers[i].thread, NULL);
+		pthread_cond_destroy(&s->workers[i].cv);
+	}
+	/* Jobs still referenced by nobody but finished are already freed;
+	 * the ready list holds references only to running jobs. */
+	free(s->workers);
+	free(s->slots);
+	free(s->store);
+	free(s->header_task_id);
+	pthread_cond_destroy(&s->admit_cv);
+	pthread_cond_destroy(&s->expand_cv);
+	pthread_cond_destroy(&s->control_cv);
+	pthread_cond_destroy(&s->idle_cv);
+	pthread_mutex_destroy(&s->mu);
+	free(s);
+}
+
+void
+sched_get_stats(struct sched *s, struct sched_stats *out)
+{
+	uint64_t now = now_ns(), kill_ns;
+	const struct job *j;
+	unsigned i;
+
+	pthread_mutex_lock(&s->mu);
+	*out = s->st;
+	kill_ns = (uint64_t)s->cfg.kill_timeout_ms * 1000000u;
+	memset(out->by_status, 0, sizeof(out->by_status));
+	for (i = 0; i < s->nslots; i++)
+		out->by_status[s->slots[i].status]++;
+	out->stuck = out->draining = 0;
+	for (j = s->running; j != NULL; j = j->next) {
+		if (j->slot < 0)
+			out->draining++;
+		if (j->cancelled && now - j->cancel_ns > kill_ns)
+			out->stuck++;
+	}
+	out->external_queued = s->nstore;
+	pthread_mutex_unlock(&s->mu);
+}
+
+unsigned
+sched_get_slots(struct sched *s, struct slot_view *v, unsigned n)
+{
+	uint64_t now = now_ns(), kill_ns;
+	unsigned i;
+
+	pthread_mutex_lock(&s->mu);
+	kill_ns = (uint64_t)s->cfg.kill_timeout_ms * 1000000u;
+	for (i = 0; i < s->nslots && i < n; i++) {
+		const struct job *j = s->slots[i].job;
+
+		memset(&v[i], 0, sizeof(v[i]));
+		v[i].status = s->slots[i].status;
+		if (j == NULL)
+			continue;
+		v[i].stuck = j->cancelled && now - j->cancel_ns > kill_ns;
+		snprintf(v[i].group, sizeof(v[i].group), "%s", j->task->group);
+		snprintf(v[i].task_id, sizeof(v[i].task_id), "%s",
+			 j->task->id ? j->task->id : "");
+		v[i].age_s = (double)(now - j->start_ns) / 1e9;
+	}
+	i = s->nslots;
+	pthread_mutex_unlock(&s->mu);
+	return i;
+}
+
+int
+sched_slot_thread_policy(struct sched *s, unsigned slot)
+{
+	int policy = -1;
+
+	pthread_mutex_lock(&s->mu);
+	if (slot < s->nslots && s->slots[slot].job != NULL)
+		policy = sched_getscheduler(s->slots[slot].job->worker->tid);
+	pthread_mutex_unlock(&s->mu);
+	return policy;
+}
