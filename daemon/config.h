@@ -70,8 +70,12 @@ struct config {
 };
 
 /* Parse path into *out (defaults first).  On failure returns -1 after
- * writing one line per error "FILE:LINE: key 'K': reason" into errbuf
- * (truncated to errlen); *out is then freed. */
+ * writing every error, in line order, one per line (joined by '\n', no
+ * final newline), into errbuf (truncated to errlen); *out is then freed
+ * and zeroed.  Forms: "FILE:LINE: [section] key 'K': reason",
+ * "FILE:LINE: [section]: reason", "FILE:LINE: reason" and
+ * "FILE: cannot open: strerror".  [metrics] keys are listen, window and
+ * sample_s; every other key is named like its field. */
 int config_load(const char *path, struct config *out, char *errbuf, size_t errlen);
 void config_free(struct config *c);
 
