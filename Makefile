@@ -31,7 +31,7 @@ CPPFLAGS_ALL := -std=c11 -D_GNU_SOURCE -Iinclude -iquote daemon \
            $(CPPFLAGS)
 ALL_CFLAGS := $(CPPFLAGS_ALL) $(WARN) -pthread -MMD -MP $(SAN) $(CFLAGS)
 ALL_LDFLAGS := -pthread $(SAN) $(LDFLAGS)
-LIBS    := -lrabbitmq -linih -lsystemd -ldl -lm
+LIBS    := -lrabbitmq -linih -lsystemd -lmicrohttpd -ldl -lm
 
 # The daemon's modules; main.c stays out of the library so unit tests link
 # everything else.
@@ -133,7 +133,7 @@ install: all
 	    -e 's|@PLUGINDIR@|$(PLUGINDIR)|g' -e 's|@VERSION@|$(VERSION)|g' \
 	    conf/occamy-plugin.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/occamy-plugin.pc
 	if [ ! -e $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini ]; then \
-	  sed -e 's|@PLUGINDIR@|$(PLUGINDIR)|g' conf/occamy.ini > $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini; \
+	  sed -e 's|^plugin_dir = .*|plugin_dir = $(PLUGINDIR)|' conf/occamy.ini > $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini; \
 	  chmod 644 $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini; fi
 	if [ -f systemd/occamyd.service.in ]; then \
 	  sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \

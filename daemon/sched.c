@@ -586,8 +586,10 @@ job_finish(struct sched *s, struct job *j, enum occamy_status st,
 		}
 		j->slot = -1;
 	}
-	if (j->kind == SLOT_PROTECTED)
+	if (j->kind == SLOT_PROTECTED) {
 		s->st.busy_task_seconds += *seconds;
+		s->st.protected_completed++;
+	}
 	/* Helpers end with their root: their work is for nobody now. */
 	if (j->root == j->serial)
 		cancel_lineage(s, j->root, j);
@@ -896,6 +898,7 @@ sched_submit_request(struct sched *s, struct message *m)
 		m->ops->settle(m, &(struct settlement){SETTLE_REQUEUE, "shutting down", NULL, 0, NULL});
 		return;
 	}
+	s->st.requests++;
 	msgq_push(&s->admissions, m);
 	pthread_cond_signal(&s->admit_cv);
 	pthread_mutex_unlock(&s->mu);

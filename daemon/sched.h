@@ -123,6 +123,7 @@ struct sched_stats {
 	unsigned stuck;      /* slots (or draining helpers) past kill_timeout */
 	unsigned draining;   /* cancelled helpers still returning */
 	unsigned external_queued;
+	uint64_t requests;            /* requests handed to the scheduler */
 	uint64_t admitted;
 	uint64_t preemptions;
 	uint64_t requeued_no_room;
@@ -142,6 +143,7 @@ struct sched_stats {
 	double admit_latency_sum_s;
 	uint64_t admit_latency_count;
 	double busy_task_seconds;     /* summed protected task run time */
+	uint64_t protected_completed; /* protected tasks that returned */
 };
 
 struct sched;

@@ -1,0 +1,330 @@
+/*
+ * main.c - occamyd: command line, start-up order, signals (TERM/INT stop,
+ * HUP reloads), and the systemd notify protocol (READY, STATUS, WATCHDOG,
+ * RELOADING, STOPPING).  The only file with process-wide mutable state: the
+ * struct daemon below, owned by the main thread except where noted.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sysexits.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <systemd/sd-daemon.h>
+
+#include "amqp.h"
+#include "config.h"
+#include "loader.h"
+#include "log.h"
+#include "metrics.h"
+#include "sched.h"
+
+#ifndef OCCAMY_VERSION
+#define OCCAMY_VERSION "dev"
+#endif
+#ifndef OCCAMY_CONFIG_PATH
+#define OCCAMY_CONFIG_PATH CONFIG_DEFAULT_PATH
+#endif
+
+struct daemon {
+	const char *config_path;
+	struct config cfg;
+	struct router *router;
+	struct sched *sched;
+	struct transport *transport;
+	struct metrics *metrics;
+	pthread_t transport_thread;
+
+	/* Written by the transport thread, read by main: atomics. */
+	atomic_bool broker_up;
+	atomic_uint_fast64_t watchdog_usec;
+	atomic_uint_fast64_t last_ping_ns;
+};
+
+static uint64_t
+mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void
+usage(FILE *f)
+{
+	fprintf(f,
+		"usage: occamyd [-fhqtvV] [-c FILE]\n"
+		"  -c FILE  configuration (default %s)\n"
+		"  -t       test the configuration and load every plugin, then exit\n"
+		"  -f       stay in the foreground (the default: occamyd never forks;\n"
+		"           run it under systemd, Type=notify)\n"
+		"  -v       more logging (debug)   -q  less logging (warnings)\n"
+		"  -V       print the version      -h  this help\n",
+		OCCAMY_CONFIG_PATH);
+}
+
+static void
+sched_config_from(const struct config *c, struct sched_config *sc)
+{
+	*sc = (struct sched_config){
+		.slots = c->slots,
+		.expansion_period_ms = c->expansion_period_ms,
+		.expansion_slot_buffer = c->expansion_slot_buffer,
+		.kill_timeout_ms = c->kill_timeout_ms,
+		.shutdown_grace_ms = c->shutdown_grace_s * 1000u,
+		.header_task_id = c->header_task_id,
+		.external_queue_max = c->external_queue_max,
+		.external_ttl_ms = c->external_ttl_s * 1000u,
+		.helper_priority = strcmp(c->helper_priority, "normal") == 0 ?
+			HELPER_PRIORITY_NORMAL : HELPER_PRIORITY_IDLE,
+	};
+}
+
+/* Plugins publish through the transport. */
+static int
+publish_via_transport(void *ctx, enum publish_target target, const char *name,
+		      const struct occamy_kv *headers, size_t nheaders,
+		      const void *body, size_t len)
+{
+	static const enum publish_kind kinds[] = {
+		[TARGET_REQUEST] = PUBLISH_REQUEST,
+		[TARGET_CONTROL] = PUBLISH_CONTROL,
+		[TARGET_HELP] = PUBLISH_HELP,
+	};
+
+	return transport_publish(ctx, kinds[target], name, headers, nheaders, body, len);
+}
+
+/* Transport thread: one ping per half watchdog interval, only while the
+ * loop turns and the connection is healthy. */
+static void
+on_transport_turn(void *ctx, bool healthy)
+{
+	struct daemon *d = ctx;
+	uint64_t usec = atomic_load(&d->watchdog_usec), now;
+
+	if (usec == 0 || !healthy)
+		return;
+	now = mono_ns();
+	if (now - atomic_load(&d->last_ping_ns) >= usec * 1000u / 2) {
+		atomic_store(&d->last_ping_ns, now);
+		sd_notify(0, "WATCHDOG=1");
+	}
+}
+
+static void
+on_transport_state(void *ctx, bool connected)
+{
+	struct daemon *d = ctx;
+
+	atomic_store(&d->broker_up, connected);
+}
+
+static void
+notify_status(struct daemon *d)
+{
+	struct sched_stats st;
+	char line[256];
+
+	sched_get_stats(d->sched, &st);
+	snprintf(line, sizeof(line),
+		 "STATUS=broker %s; slots %u: %u protected, %u helping, %u empty%s; "
+		 "%llu done",
+		 atomic_load(&d->broker_up) ? "up" : "down", st.slots,
+		 st.by_status[SLOT_PROTECTED],
+		 st.by_status[SLOT_INTERNAL] + st.by_status[SLOT_EXTERNAL],
+		 st.by_status[SLOT_EMPTY], st.stuck ? "; STUCK" : "",
+		 (unsigned long long)st.completed);
+	if (d->metrics != NULL) {
+		size_t n = strlen(line);
+		metrics_status_suffix(d->metrics, line + n, sizeof(line) - n);
+	}
+	sd_notify(0, line);
+}
+
+static void
+print_errors(const char *errs)
+{
+	fprintf(stderr, "%s%s", errs, errs[0] && errs[strlen(errs) - 1] != '\n' ? "\n" : "");
+}
+
+/* Reload on SIGHUP: a new config with errors is refused and the old one
+ * keeps running. */
+static void
+reload(struct daemon *d)
+{
+	struct config ncfg;
+	struct plugin_set *set;
+	struct sched_config sc;
+	char errs[8192] = "";
+	char names[512];
+
+	sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu",
+		   (unsigned long long)(mono_ns() / 1000u));
+	log_info("reloading %s", d->config_path);
+	if (config_load(d->config_path, &ncfg, errs, sizeof(errs)) != 0) {
+		log_warnx("reload refused, keeping the running configuration:\n%s", errs);
+		goto done;
+	}
+	set = plugin_set_load(d->router, &ncfg, errs, sizeof(errs));
+	if (set == NULL) {
+		log_warnx("reload refused, keeping the running configuration:\n%s", errs);
+		config_free(&ncfg);
+		goto done;
+	}
+	router_install(d->router, set, &ncfg);
+	sched_config_from(&ncfg, &sc);
+	sched_reconfigure(d->sched, &sc);
+	if (strcmp(ncfg.uri, d->cfg.uri) != 0 || ncfg.slots != d->cfg.slots ||
+	    strcmp(ncfg.request_queue, d->cfg.request_queue) != 0 ||
+	    strcmp(ncfg.metrics_listen, d->cfg.metrics_listen) != 0)
+		log_warnx("broker, queue, slot and metrics settings change at restart");
+	/* Keep what the running transport and metrics were built from. */
+	{
+		struct config old = d->cfg;
+		d->cfg = ncfg;
+		config_free(&old);
+	}
+	router_describe(d->router, names, sizeof(names));
+	log_info("reloaded: plugins %s", names);
+done:
+	sd_notify(0, "READY=1");
+	notify_status(d);
+}
+
+static void *
+transport_main(void *arg)
+{
+	transport_run(arg);
+	return NULL;
+}
+
+int
+main(int argc, char **argv)
+{
+	struct daemon d = {.config_path = OCCAMY_CONFIG_PATH};
+	struct transport_hooks hooks = {.ctx = &d, .turn = on_transport_turn,
+					.state = on_transport_state};
+	struct plugin_set *set;
+	struct sched_config sc;
+	struct task_source src;
+	char errs[8192] = "";
+	char names[512];
+	bool test_only = false;
+	int verbosity = 0, ch, sig;
+	uint64_t usec = 0;
+	sigset_t sigs;
+
+	while ((ch = getopt(argc, argv, "c:fhqtvV")) != -1) {
+		switch (ch) {
+		case 'c': d.config_path = optarg; break;
+		case 'f': break;
+		case 'h': usage(stdout); return 0;
+		case 'q': verbosity--; break;
+		case 't': test_only = true; break;
+		case 'v': verbosity++; break;
+		case 'V': printf("occamyd %s (plugin ABI %d.%d)\n", OCCAMY_VERSION,
+				 OCCAMY_ABI_MAJOR, OCCAMY_ABI_MINOR);
+			return 0;
+		default: usage(stderr); return EX_USAGE;
+		}
+	}
+	if (optind != argc) {
+		usage(stderr);
+		return EX_USAGE;
+	}
+	log_init(verbosity);
+
+	/* Signals are taken synchronously by this thread only; every thread
+	 * started below inherits the mask. */
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	sigaddset(&sigs, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	if (config_load(d.config_path, &d.cfg, errs, sizeof(errs)) != 0) {
+		print_errors(errs);
+		return EX_CONFIG;
+	}
+	d.router = router_new(&d.cfg);
+	set = plugin_set_load(d.router, &d.cfg, errs, sizeof(errs));
+	if (set == NULL) {
+		print_errors(errs);
+		router_free(d.router);
+		config_free(&d.cfg);
+		return EX_CONFIG;
+	}
+	if (test_only) {
+		plugin_set_release(set);
+		router_free(d.router);
+		config_free(&d.cfg);
+		printf("configuration OK\n");
+		return 0;
+	}
+	router_install(d.router, set, &d.cfg);
+
+	sched_config_from(&d.cfg, &sc);
+	src = router_task_source(d.router);
+	d.metrics = metrics_new(&d.cfg);
+	d.sched = sched_new(&sc, &src, metrics_observer(d.metrics));
+	metrics_attach(d.metrics, d.sched);
+	d.transport = transport_new(&d.cfg, d.sched, &hooks);
+	metrics_attach_transport(d.metrics, d.transport);
+	router_set_publisher(d.router, publish_via_transport, d.transport);
+	if (sd_watchdog_enabled(0, &usec) > 0)
+		atomic_store(&d.watchdog_usec, usec);
+	if (pthread_create(&d.transport_thread, NULL, transport_main, d.transport) != 0)
+		fatal("cannot start the transport thread");
+	pthread_setname_np(d.transport_thread, "amqp");
+	if (metrics_start(d.metrics) != 0) {
+		log_warnx("metrics endpoint %s could not start", d.cfg.metrics_listen);
+	}
+
+	router_describe(d.router, names, sizeof(names));
+	log_info("occamyd %s started: %u slots, plugins %s, helpers %s", OCCAMY_VERSION,
+		 d.cfg.slots, names[0] ? names : "(none)", sched_helper_mode(d.sched));
+	sd_notify(0, "READY=1");
+	notify_status(&d);
+
+	for (;;) {
+		struct timespec tick = {.tv_sec = 1};
+
+		sig = sigtimedwait(&sigs, NULL, &tick);
+		if (sig < 0) {
+			if (errno != EAGAIN && errno != EINTR)
+				fatal("sigtimedwait");
+			metrics_sample(d.metrics);
+			notify_status(&d);
+			continue;
+		}
+		if (sig == SIGHUP) {
+			reload(&d);
+			continue;
+		}
+		break;
+	}
+
+	log_info("%s: shutting down (grace %u s)", strsignal(sig), d.cfg.shutdown_grace_s);
+	sd_notify(0, "STOPPING=1");
+	sched_shutdown(d.sched);
+	router_set_publisher(d.router, NULL, NULL);
+	transport_stop(d.transport);
+	pthread_join(d.transport_thread, NULL);
+	metrics_stop(d.metrics);
+	sched_free(d.sched);
+	transport_free(d.transport);
+	metrics_free(d.metrics);
+	router_free(d.router);
+	config_free(&d.cfg);
+	log_info("stopped");
+	return 0;
+}
