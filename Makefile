@@ -68,8 +68,8 @@ $(B)/%.o: %.c
 $(B)/occamyd: $(B)/daemon/main.o $(CORE_OBJ)
 	$(CC) $(ALL_LDFLAGS) -rdynamic -o $@ $^ $(LIBS)
 
-$(B)/occamyctl: $(CTL_SRC:%.c=$(B)/%.o) $(filter-out $(B)/daemon/sched.o,$(CORE_OBJ))
-	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
+$(B)/occamyctl: $(CTL_SRC:%.c=$(B)/%.o) $(B)/daemon/config.o $(B)/daemon/log.o
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ -lrabbitmq -linih -lm
 
 $(B)/tests/unit/%: $(B)/tests/unit/%.o $(CORE_OBJ)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS) -lcmocka
