@@ -22,6 +22,9 @@ enum publish_kind {
 	PUBLISH_HELP,    /* to control_exchange without task ID; name = handler */
 };
 
+/* A control message with this header is a command to the daemon itself. */
+#define COMMAND_HEADER "x-occamy-command"
+
 struct transport_hooks {
 	void *ctx;
 	/* Called from the owner thread once per loop turn (at least every
@@ -30,6 +33,9 @@ struct transport_hooks {
 	void (*turn)(void *ctx, bool healthy);
 	/* Connection state changed (for STATUS= and logs). */
 	void (*state)(void *ctx, bool connected);
+	/* Text answering a control message with x-occamy-command: status
+	 * (occamyctl status); malloc()ed, or NULL.  Owner thread. */
+	char *(*status)(void *ctx, size_t *len);
 };
 
 struct transport_stats {

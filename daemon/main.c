@@ -103,14 +103,16 @@ publish_via_transport(void *ctx, enum publish_target target, const char *name,
 }
 
 /* Transport thread: one ping per half watchdog interval, only while the
- * loop turns and the connection is healthy. */
+ * loop turns.  A lost broker is not a reason to be restarted (the loop keeps
+ * reconnecting), but a wedged loop is. */
 static void
-on_transport_turn(void *ctx, bool healthy)
+on_transport_turn(void *ctx, bool connected)
 {
 	struct daemon *d = ctx;
 	uint64_t usec = atomic_load(&d->watchdog_usec), now;
 
-	if (usec == 0 || !healthy)
+	(void)connected;
+	if (usec == 0)
 		return;
 	now = mono_ns();
 	if (now - atomic_load(&d->last_ping_ns) >= usec * 1000u / 2) {
@@ -125,6 +127,44 @@ on_transport_state(void *ctx, bool connected)
 	struct daemon *d = ctx;
 
 	atomic_store(&d->broker_up, connected);
+}
+
+/* Transport thread: the answer to `occamyctl status`, one line for the
+ * daemon and one per slot. */
+static char *
+on_status_command(void *ctx, size_t *len)
+{
+	struct daemon *d = ctx;
+	struct sched_stats st;
+	struct slot_view *v;
+	char host[256] = "?";
+	char *text = NULL;
+	size_t n = 0;
+	unsigned i, nslots;
+	FILE *f = open_memstream(&text, &n);
+
+	if (f == NULL)
+		return NULL;
+	gethostname(host, sizeof(host) - 1);
+	sched_get_stats(d->sched, &st);
+	fprintf(f, "daemon %s:%d slots %u protected %u internal %u external %u empty %u "
+		"stuck %u draining %u requests %llu done %llu preemptions %llu\n",
+		host, (int)getpid(), st.slots, st.by_status[SLOT_PROTECTED],
+		st.by_status[SLOT_INTERNAL], st.by_status[SLOT_EXTERNAL],
+		st.by_status[SLOT_EMPTY], st.stuck, st.draining,
+		(unsigned long long)st.requests, (unsigned long long)st.completed,
+		(unsigned long long)st.preemptions);
+	v = xcalloc(st.slots ? st.slots : 1, sizeof(*v));
+	nslots = sched_get_slots(d->sched, v, st.slots);
+	for (i = 0; i < nslots && i < st.slots; i++)
+		fprintf(f, "slot %u %-9s %-16s %-24s %8.1fs%s\n", i,
+			slot_status_name(v[i].status), v[i].group[0] ? v[i].group : "-",
+			v[i].task_id[0] ? v[i].task_id : "-", v[i].age_s,
+			v[i].stuck ? " STUCK" : "");
+	free(v);
+	fclose(f);
+	*len = n;
+	return text;
 }
 
 static void
@@ -211,7 +251,8 @@ main(int argc, char **argv)
 {
 	struct daemon d = {.config_path = OCCAMY_CONFIG_PATH};
 	struct transport_hooks hooks = {.ctx = &d, .turn = on_transport_turn,
-					.state = on_transport_state};
+					.state = on_transport_state,
+					.status = on_status_command};
 	struct plugin_set *set;
 	struct sched_config sc;
 	struct task_source src;
