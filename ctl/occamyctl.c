@@ -102,6 +102,8 @@ ctl_connect(struct ctl *c)
 		fprintf(stderr, "occamyctl: cannot parse uri in %s\n", c->cfg.file);
 		goto out;
 	}
+	if (ci.vhost == NULL || ci.vhost[0] == '\0')
+		ci.vhost = "/"; /* "amqp://host/" parses to the empty vhost */
 	if (c->cfg.password_file[0] != '\0') {
 		if (read_password(c->cfg.password_file, password, sizeof(password)) != 0)
 			goto out;
