@@ -1,0 +1,351 @@
+/*
+ * recorder.c - test plugin: appends one line per task start, task end and
+ * control message to a log file, so integration tests can replay what ran
+ * where and when (scenario A: every slot taken by one master's helpers;
+ * scenario B: helpers stopped to make room for a request).
+ *
+ * Every line goes out in a single write() on an O_APPEND descriptor, so
+ * lines from many slot threads and many daemons never interleave.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <occamy/plugin.h>
+
+#define REC_ID_MAX 255
+#define REC_MAX_MS 86400000ULL
+#define REC_HELP_DEFAULT_MS 10000
+#define REC_HANDLE_BODY_MAX 200 /* bytes of a control body put in the log */
+#define REC_STEP_MS 5           /* helpers look at cancellation this often */
+
+enum rec_kind { REC_MASTER, REC_HELPER, REC_EXTERNAL };
+
+static const char *const rec_kind_names[] = {"master", "helper", "external"};
+
+struct rec_state {
+	int fd; /* the log, O_APPEND */
+};
+
+struct rec_task {
+	const struct occamy_host *host;
+	enum rec_kind kind;
+	char *id;         /* as the daemon routes it */
+	char *log_id;     /* the same, blanks and controls made '_' */
+	uint64_t ms;      /* master: run time; external: lifetime; helper: 0 */
+	int64_t deadline_ms;
+};
+
+/* Generated task IDs: pid plus this counter are unique per host. */
+static _Atomic unsigned long rec_id_counter;
+
+static uint64_t
+rec_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int64_t
+rec_wall_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void rec_line(const struct occamy_host *host, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* One line, one write(): O_APPEND makes it land whole at the end. */
+static void
+rec_line(const struct occamy_host *host, const char *fmt, ...)
+{
+	const struct rec_state *st = host->plugin_state;
+	char buf[512];
+	va_list ap;
+	int n;
+
+	if (st == NULL)
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n > sizeof(buf) - 2)
+		n = sizeof(buf) - 2;
+	buf[n++] = '\n';
+	if (write(st->fd, buf, (size_t)n) != n)
+		host->log(host, OCCAMY_LOG_WARNING, "short write to the recorder log");
+}
+
+static char *
+rec_log_safe(const char *s)
+{
+	char *c, *p;
+
+	if ((c = strdup(s)) == NULL)
+		abort();
+	for (p = c; *p != '\0'; p++)
+		if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f)
+			*p = '_';
+	return c;
+}
+
+static int
+rec_init(struct occamy_host *host, const struct occamy_option *options, size_t noptions,
+	 char *err, size_t errlen)
+{
+	const char *path = NULL;
+	struct rec_state *st;
+	size_t i;
+
+	for (i = 0; i < noptions; i++) {
+		if (strcmp(options[i].key, "log") == 0)
+			path = options[i].value;
+		else {
+			snprintf(err, errlen, "unknown option '%s' (known: log)", options[i].key);
+			return -1;
+		}
+	}
+	if (path == NULL || path[0] == '\0') {
+		snprintf(err, errlen, "option 'log = PATH' is required");
+		return -1;
+	}
+	if ((st = calloc(1, sizeof(*st))) == NULL)
+		abort();
+	st->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	if (st->fd == -1) {
+		snprintf(err, errlen, "cannot open log '%s': %s", path, strerror(errno));
+		free(st);
+		return -1;
+	}
+	host->plugin_state = st;
+	return 0;
+}
+
+static void
+rec_fini(const struct occamy_host *host)
+{
+	struct rec_state *st = host->plugin_state;
+
+	if (st == NULL)
+		return;
+	close(st->fd);
+	free(st);
+}
+
+static struct rec_task *
+rec_task_alloc(const struct occamy_host *host, enum rec_kind kind, const char *id,
+	       uint64_t ms)
+{
+	struct rec_task *t;
+
+	if ((t = calloc(1, sizeof(*t))) == NULL)
+		abort();
+	t->host = host;
+	t->kind = kind;
+	if ((t->id = strdup(id)) == NULL)
+		abort();
+	t->log_id = rec_log_safe(id);
+	t->ms = ms;
+	if (kind != REC_HELPER)
+		t->deadline_ms = rec_wall_ms() + (int64_t)ms;
+	return t;
+}
+
+/* "ms[,id]": digits, then optionally a comma and an ID (help requests may
+ * name themselves so tests can tell externals apart). */
+static int
+rec_parse_body(const char *s, size_t len, uint64_t dflt, uint64_t *ms, const char **id,
+	       size_t *idlen)
+{
+	size_t i = 0, digits = 0;
+	uint64_t v = 0;
+
+	while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\n' || s[len - 1] == '\r' ||
+			   s[len - 1] == '\t'))
+		len--;
+	while (i < len && (s[i] == ' ' || s[i] == '\t'))
+		i++;
+	*id = NULL;
+	*idlen = 0;
+	if (i == len) {
+		*ms = dflt;
+		return 0;
+	}
+	for (; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
+		if (++digits > 19)
+			return -1;
+		v = v * 10 + (uint64_t)(s[i] - '0');
+	}
+	if (digits == 0 || v > REC_MAX_MS)
+		return -1;
+	*ms = v;
+	if (i < len && s[i] == ',') {
+		*id = s + i + 1;
+		*idlen = len - i - 1;
+		if (*idlen == 0 || *idlen > REC_ID_MAX || memchr(*id, '\0', *idlen) != NULL)
+			return -1;
+		return 0;
+	}
+	return i == len ? 0 : -1;
+}
+
+static enum occamy_status
+rec_task_new(const struct occamy_host *host, const struct occamy_headers *headers,
+	     const void *body, size_t len, int is_help, void **task, char *err,
+	     size_t errlen)
+{
+	const struct occamy_header *h = occamy_headers_find(headers, "task-id");
+	char idbuf[REC_ID_MAX + 1];
+	const char *bid;
+	size_t bidlen;
+	uint64_t ms;
+
+	if (rec_parse_body(body, len, is_help ? REC_HELP_DEFAULT_MS : 0, &ms, &bid,
+			   &bidlen) == -1 ||
+	    (bid != NULL && !is_help)) {
+		snprintf(err, errlen, "body must be \"ms\" (0..%llu)%s",
+			 (unsigned long long)REC_MAX_MS,
+			 is_help ? " or \"ms,id\" for a help request" : "");
+		return OCCAMY_ERR_INVALID_BODY;
+	}
+	if (h != NULL && h->kind == OCCAMY_VALUE_INT)
+		snprintf(idbuf, sizeof(idbuf), "%lld", (long long)h->i);
+	else if (h != NULL && h->kind == OCCAMY_VALUE_STRING && h->len > 0 &&
+		 h->len <= REC_ID_MAX && memchr(h->str, '\0', h->len) == NULL)
+		snprintf(idbuf, sizeof(idbuf), "%.*s", (int)h->len, h->str);
+	else if (h != NULL) {
+		snprintf(err, errlen, "task-id header must be a string of 1..%d bytes or an integer",
+			 REC_ID_MAX);
+		return OCCAMY_ERR_INVALID_HEADERS;
+	} else if (bid != NULL)
+		snprintf(idbuf, sizeof(idbuf), "%.*s", (int)bidlen, bid);
+	else
+		snprintf(idbuf, sizeof(idbuf), "rec-%ld-%lu", (long)getpid(),
+			 atomic_fetch_add(&rec_id_counter, 1) + 1);
+	*task = rec_task_alloc(host, is_help ? REC_EXTERNAL : REC_MASTER, idbuf, ms);
+	return OCCAMY_OK;
+}
+
+static enum occamy_status
+rec_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_output *out)
+{
+	struct rec_task *t = task;
+	const struct occamy_host *host = t->host;
+	const char *kind = rec_kind_names[t->kind];
+	uint64_t left = t->ms;
+	int cancelled = 0;
+	char msg[64];
+	int n;
+
+	rec_line(host, "%llu start %s %s %ld", (unsigned long long)rec_now_ns(), kind,
+		 t->log_id, (long)getpid());
+	if (t->kind == REC_HELPER) {
+		/* No deadline: only the daemon stops a helper. */
+		while (!(cancelled = host->sleep_ms(cancel, REC_STEP_MS)))
+			;
+	} else {
+		while (left > 0 && !cancelled) {
+			uint64_t step = left < REC_STEP_MS ? left : REC_STEP_MS;
+			cancelled = host->sleep_ms(cancel, step);
+			left -= step;
+		}
+	}
+	rec_line(host, "%llu end %s %s %ld", (unsigned long long)rec_now_ns(), kind,
+		 t->log_id, (long)getpid());
+	if (cancelled) {
+		snprintf(out->message, sizeof(out->message), "cancelled");
+		return OCCAMY_ERR_INTERRUPTED;
+	}
+	if (t->kind == REC_MASTER) {
+		n = snprintf(msg, sizeof(msg), "ran %llu", (unsigned long long)t->ms);
+		if ((out->body = malloc((size_t)n)) == NULL)
+			abort();
+		memcpy(out->body, msg, (size_t)n);
+		out->len = (size_t)n;
+		snprintf(out->content_type, sizeof(out->content_type), "text/plain");
+	}
+	return OCCAMY_OK;
+}
+
+/* Only masters expand.  Helpers share the master's task ID, so a control
+ * message to that ID reaches (and is logged by) all of them. */
+static size_t
+rec_task_expand(void *task, size_t n, void **helpers)
+{
+	struct rec_task *t = task;
+	size_t i;
+
+	if (t->kind != REC_MASTER)
+		return 0;
+	for (i = 0; i < n; i++)
+		helpers[i] = rec_task_alloc(t->host, REC_HELPER, t->id, 0);
+	return n;
+}
+
+static void
+rec_task_handle(void *task, const struct occamy_headers *headers, const void *body,
+		size_t len)
+{
+	struct rec_task *t = task;
+	char safe[REC_HANDLE_BODY_MAX + 1];
+	const unsigned char *b = body;
+	size_t i;
+
+	(void)headers;
+	if (len > REC_HANDLE_BODY_MAX)
+		len = REC_HANDLE_BODY_MAX;
+	for (i = 0; i < len; i++)
+		safe[i] = (b[i] >= ' ' && b[i] < 0x7f) ? (char)b[i] : '.';
+	safe[len] = '\0';
+	rec_line(t->host, "%llu handle %s %ld %s", (unsigned long long)rec_now_ns(),
+		 t->log_id, (long)getpid(), safe);
+}
+
+static void
+rec_task_info(const void *task, struct occamy_task_info *info)
+{
+	const struct rec_task *t = task;
+
+	info->id = t->id;
+	info->group = "recorder";
+	info->deadline_ms = t->deadline_ms;
+	info->priority = 0;
+}
+
+static void
+rec_task_destroy(void *task)
+{
+	struct rec_task *t = task;
+
+	free(t->id);
+	free(t->log_id);
+	free(t);
+}
+
+const struct occamy_plugin occamy_plugin = {
+	OCCAMY_PLUGIN_HEADER,
+	.name = "recorder",
+	.version = "1.0",
+	.init = rec_init,
+	.fini = rec_fini,
+	.task_new = rec_task_new,
+	.task_run = rec_task_run,
+	.task_expand = rec_task_expand,
+	.task_handle = rec_task_handle,
+	.task_info = rec_task_info,
+	.task_destroy = rec_task_destroy,
+};
