@@ -33,6 +33,8 @@ struct plugin {
 	void *dl;
 	char *name;                   /* the [plugin NAME] */
 	char *path;
+	char *header_task_id;         /* handed to the plugin in its host */
+	char *header_handler;
 	atomic_uint refs;
 	bool initialised;
 };
@@ -178,6 +180,8 @@ plugin_unref(struct plugin *p)
 	atomic_fetch_sub(&p->router->live_plugins, 1);
 	free(p->name);
 	free(p->path);
+	free(p->header_task_id);
+	free(p->header_handler);
 	free(p);
 }
 
@@ -323,6 +327,8 @@ plugin_load(struct router *r, const struct config *cfg, const struct plugin_conf
 		.publish_request = host_publish_request,
 		.publish_control = host_publish_control,
 		.publish_help = host_publish_help,
+		.header_task_id = p->header_task_id = xstrdup(cfg->header_task_id),
+		.header_handler = p->header_handler = xstrdup(cfg->header_handler),
 	};
 	if (p->desc->init != NULL) {
 		opts = xcalloc(pc->noptions ? pc->noptions : 1, sizeof(*opts));

@@ -55,7 +55,7 @@ extern "C" {
 
 /* Bump MAJOR on any incompatible change; MINOR when fields are appended. */
 #define OCCAMY_ABI_MAJOR 1
-#define OCCAMY_ABI_MINOR 0
+#define OCCAMY_ABI_MINOR 1
 
 /* The symbol name the loader looks up with dlsym(). */
 #define OCCAMY_PLUGIN_SYMBOL "occamy_plugin"
@@ -177,6 +177,12 @@ struct occamy_host {
 	/* The plugin's own state, as set by init; for callbacks that only get
 	 * the host pointer. */
 	void *plugin_state;
+
+	/* ABI 1.1: the header names occamy.ini configures (header_task_id,
+	 * header_handler), so plugins need not assume "task-id".  Check
+	 * host->size > offsetof(struct occamy_host, header_task_id) first. */
+	const char *header_task_id;
+	const char *header_handler;
 };
 
 struct occamy_plugin {
