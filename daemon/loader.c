@@ -229,9 +229,11 @@ check_ownership(const char *path, char *why, size_t whylen)
 				 "daemon's user", d, (unsigned)st.st_uid);
 			return -1;
 		}
-		/* A sticky, world-writable directory like /tmp still lets others
-		 * swap files: refuse it too. */
-		if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+		/* Others may write here only if the directory is root's and
+		 * sticky (like /tmp): then nobody can rename or delete the
+		 * entries below it that root or we own, checked above. */
+		if ((st.st_mode & (S_IWGRP | S_IWOTH)) &&
+		    !((st.st_mode & S_ISVTX) && st.st_uid == 0)) {
 			snprintf(why, whylen, "directory %s is writable by group or others "
 				 "(mode %03o)", d, (unsigned)(st.st_mode & 0777));
 			return -1;

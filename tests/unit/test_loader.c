@@ -295,6 +295,36 @@ test_plugin_in_a_world_writable_directory_is_refused(void **state)
 }
 
 static void
+test_plugin_below_a_sticky_root_directory_is_accepted(void **state)
+{
+	char from[PATH_MAX + 16], dir[] = "/tmp/occamy-st-XXXXXX", to[64], extra[128];
+	struct config cfg;
+	struct router *r;
+	struct plugin_set *set;
+	char errs[4096] = "";
+
+	(void)state;
+	/* /tmp is world-writable but sticky and root's: nobody can swap our
+	 * 0755 directory or the root-owned file in it. */
+	assert_non_null(mkdtemp(dir));
+	chmod(dir, 0755);
+	snprintf(from, sizeof(from), "%s/noop.so", plugin_dir);
+	snprintf(to, sizeof(to), "%s/noop.so", dir);
+	copy_file(from, to, 0644);
+	snprintf(extra, sizeof(extra), "[plugin ok]\npath = %s\n", to);
+	load_conf(&cfg, extra, NULL);
+	r = router_new(&cfg);
+	set = plugin_set_load(r, &cfg, errs, sizeof(errs));
+	if (set == NULL)
+		fail_msg("refused: %s", errs);
+	plugin_set_release(set);
+	router_free(r);
+	config_free(&cfg);
+	unlink(to);
+	rmdir(dir);
+}
+
+static void
 test_init_failure_passes_on_the_plugins_message(void **state)
 {
 	(void)state;
@@ -408,6 +438,7 @@ main(void)
 		cmocka_unit_test(test_not_an_elf_is_refused),
 		cmocka_unit_test(test_group_or_world_writable_plugin_is_refused),
 		cmocka_unit_test(test_plugin_in_a_world_writable_directory_is_refused),
+		cmocka_unit_test(test_plugin_below_a_sticky_root_directory_is_accepted),
 		cmocka_unit_test(test_init_failure_passes_on_the_plugins_message),
 		cmocka_unit_test(test_load_unload_cycles_pair_init_with_fini),
 		cmocka_unit_test(test_removed_plugin_unloads_after_its_last_task),
