@@ -85,6 +85,7 @@ struct worker {
 	pid_t tid;
 	bool helper_pool;
 	bool started;
+	bool niced;      /* SCHED_IDLE was refused: fell back to nice 19 */
 	struct job *job;
 	pthread_cond_t cv;
 	struct worker *next_free;
@@ -146,6 +147,7 @@ struct sched {
 	uint64_t store_seq;
 
 	pthread_cond_t idle_cv;     /* a job finished */
+	unsigned settling;          /* finished jobs whose message is being settled */
 	bool stopping, quit, shut_down, freed_ok, dispatchers_wedged;
 
 	struct sched_stats st;
@@ -624,7 +626,9 @@ set_helper_priority(struct worker *w)
 
 	if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) == 0)
 		return;
-	/* Not allowed here: the next best thing is the lowest nice value. */
+	/* Not allowed here (a seccomp filter, an old kernel): the next best
+	 * thing is the lowest nice value. */
+	w->niced = true;
 	if (setpriority(PRIO_PROCESS, (id_t)w->tid, 19) != 0)
 		log_warn("sched: cannot lower helper thread priority");
 }
@@ -679,6 +683,8 @@ worker_main(void *arg)
 		was_cancelled = j->cancelled;
 		snprintf(group, sizeof(group), "%s", j->task->group);
 		job_finish(s, j, st, &out, &d, &set, &msg, &seconds);
+		if (msg != NULL)
+			s->settling++; /* shutdown waits for it */
 		w->job = NULL;
 		j->worker = NULL;
 		w->next_free = w->helper_pool ? s->free_helpers : s->free_protected;
@@ -697,6 +703,10 @@ worker_main(void *arg)
 				set.reason = reason;
 			}
 			msg->ops->settle(msg, &set);
+			pthread_mutex_lock(&s->mu);
+			s->settling--;
+			pthread_cond_broadcast(&s->idle_cv);
+			pthread_mutex_unlock(&s->mu);
 		} else if (st != OCCAMY_OK && !(was_cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
 			log_warnx("%s helper (%s) failed: %s%s%s", slot_status_name(kind),
 				  group, status_reason(st), out.message[0] ? ": " : "",
@@ -1410,8 +1420,14 @@ sched_new(const struct sched_config *cfg, const struct task_source *src,
 const char *
 sched_helper_mode(const struct sched *s)
 {
-	return s->helpers_idle ? "idle (helpers on SCHED_IDLE threads)" :
-				 "normal (helpers share the CPU; admission waits for them)";
+	unsigned i;
+
+	if (!s->helpers_idle)
+		return "normal (helpers share the CPU; admission waits for them)";
+	for (i = s->nslots; i < 2 * s->nslots; i++)
+		if (s->workers[i].niced)
+			return "idle, but SCHED_IDLE was refused: helpers run at nice 19";
+	return "idle (helpers on SCHED_IDLE threads; requests never wait for them)";
 }
 
 void
@@ -1477,6 +1493,9 @@ any_running(const struct sched *s, bool protected_only)
 {
 	const struct job *j;
 
+	/* A job that returned is done only once its message is settled. */
+	if (s->settling > 0)
+		return true;
 	for (j = s->running; j != NULL; j = j->next)
 		if (!protected_only || j->kind == SLOT_PROTECTED)
 			return true;
