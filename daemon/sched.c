@@ -724,10 +724,23 @@ worker_main(void *arg)
 
 /* ---- admission ---- */
 
-static enum settle_outcome
-outcome_of_make_error(enum occamy_status st)
+/* Ask the task source for a task; on error, reason says why. */
+static enum occamy_status
+make_task(struct sched *s, const struct message *m, bool is_help, struct task **t,
+	  char *reason, size_t len)
 {
-	return outcome_of(st, false);
+	char why[256] = "";
+	enum occamy_status st;
+
+	*t = NULL;
+	st = s->src.make_task(s->src.ctx, m, is_help, t, why, sizeof(why));
+	if (st == OCCAMY_OK && *t == NULL) {
+		st = OCCAMY_ERR_INTERNAL;
+		snprintf(why, sizeof(why), "handler returned no task");
+	}
+	if (st != OCCAMY_OK)
+		snprintf(reason, len, "%s%s%s", status_reason(st), why[0] ? ": " : "", why);
+	return st;
 }
 
 /* The unprotected job to stop for a request: external before internal, and
@@ -766,7 +779,7 @@ admit_one(struct sched *s, struct message *m)
 {
 	struct deferred d = {0};
 	struct task *t = NULL;
-	char why[256] = "";
+	char reason[300];
 	enum occamy_status st;
 	int slot, victim;
 
@@ -779,21 +792,14 @@ admit_one(struct sched *s, struct message *m)
 	}
 	pthread_mutex_unlock(&s->mu);
 
-	st = s->src.make_task(s->src.ctx, m, false, &t, why, sizeof(why));
-	if (st == OCCAMY_OK && t == NULL) {
-		st = OCCAMY_ERR_INTERNAL;
-		snprintf(why, sizeof(why), "handler returned no task");
-	}
+	st = make_task(s, m, false, &t, reason, sizeof(reason));
 	if (st != OCCAMY_OK) {
-		enum settle_outcome o = outcome_of_make_error(st);
-		char reason[300];
+		enum settle_outcome o = outcome_of(st, false);
 
 		pthread_mutex_lock(&s->mu);
 		s->st.make_task_errors++;
 		count_settlement(s, o);
 		pthread_mutex_unlock(&s->mu);
-		snprintf(reason, sizeof(reason), "%s%s%s", status_reason(st),
-			 why[0] ? ": " : "", why);
 		m->ops->settle(m, &(struct settlement){o, reason, NULL, 0, NULL});
 		return;
 	}
@@ -1038,14 +1044,10 @@ help_request_one(struct sched *s, struct message *m)
 {
 	struct deferred d = {0};
 	struct task *t = NULL;
-	char why[256] = "", reason[300];
+	char reason[300];
 	enum occamy_status st;
 
-	st = s->src.make_task(s->src.ctx, m, true, &t, why, sizeof(why));
-	if (st == OCCAMY_OK && t == NULL) {
-		st = OCCAMY_ERR_INTERNAL;
-		snprintf(why, sizeof(why), "handler returned no task");
-	}
+	st = make_task(s, m, true, &t, reason, sizeof(reason));
 	pthread_mutex_lock(&s->mu);
 	if (st != OCCAMY_OK) {
 		/* A help request is advice, never retried: invalid or not. */
@@ -1053,8 +1055,6 @@ help_request_one(struct sched *s, struct message *m)
 		s->st.control_invalid++;
 		count_settlement(s, SETTLE_DEAD_LETTER);
 		pthread_mutex_unlock(&s->mu);
-		snprintf(reason, sizeof(reason), "%s%s%s", status_reason(st),
-			 why[0] ? ": " : "", why);
 		m->ops->settle(m, &(struct settlement){SETTLE_DEAD_LETTER, reason, NULL, 0, NULL});
 		return;
 	}
