@@ -285,6 +285,64 @@ cmd_submit(struct ctl *c, int argc, char **argv)
 	return 0;
 }
 
+/* Counters of one daemon at the previous refresh of `top`, for rates. */
+struct seen {
+	char name[128];
+	double t;
+	unsigned long long requests, done, preemptions;
+};
+
+#define SEEN_MAX 64
+static struct seen seen[SEEN_MAX]; /* main thread only: `top` state */
+static unsigned nseen;
+
+/* For `top`: a bar of coloured cells, one per slot, and the rates since the
+ * last refresh, above the daemon's own text. */
+static void
+print_top_summary(const char *reply)
+{
+	char name[128];
+	unsigned long long req, done, pre;
+	const char *line;
+	double now = now_s();
+	unsigned i;
+
+	if (sscanf(reply, "daemon %127s slots %*u protected %*u internal %*u external %*u "
+		   "empty %*u stuck %*u draining %*u requests %llu done %llu preemptions %llu",
+		   name, &req, &done, &pre) != 4)
+		return;
+	printf("\033[1m%s\033[0m  ", name);
+	for (line = strstr(reply, "\nslot "); line != NULL; line = strstr(line + 1, "\nslot ")) {
+		char status[16] = "";
+
+		if (sscanf(line, "\nslot %*u %15s", status) != 1)
+			continue;
+		/* protected red, internal green, external blue, empty grey */
+		printf("%s", strcmp(status, "protected") == 0 ? "\033[41m P \033[0m" :
+			     strcmp(status, "internal") == 0 ? "\033[42m I \033[0m" :
+			     strcmp(status, "external") == 0 ? "\033[44m E \033[0m" :
+							      "\033[100m . \033[0m");
+	}
+	for (i = 0; i < nseen && strcmp(seen[i].name, name) != 0; i++)
+		;
+	if (i < nseen && now > seen[i].t)
+		printf("  %.1f req/s, %.1f done/s, %.1f preemptions/s",
+		       (double)(req - seen[i].requests) / (now - seen[i].t),
+		       (double)(done - seen[i].done) / (now - seen[i].t),
+		       (double)(pre - seen[i].preemptions) / (now - seen[i].t));
+	putchar('\n');
+	if (i == nseen) {
+		if (nseen == SEEN_MAX)
+			return;
+		nseen++;
+	}
+	snprintf(seen[i].name, sizeof(seen[i].name), "%s", name);
+	seen[i].t = now;
+	seen[i].requests = req;
+	seen[i].done = done;
+	seen[i].preemptions = pre;
+}
+
 /* Ask every daemon; print their replies (plain text from occamyd). */
 static int
 ask_status(struct ctl *c, double wait_s, bool clear)
@@ -303,6 +361,8 @@ ask_status(struct ctl *c, double wait_s, bool clear)
 	if (clear)
 		printf("\033[H\033[2J");
 	while ((got = next_reply(c, deadline, &reply, &rlen)) == 1) {
+		if (clear)
+			print_top_summary(reply);
 		fwrite(reply, 1, rlen, stdout);
 		putchar('\n');
 		free(reply);
