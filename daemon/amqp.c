@@ -1512,6 +1512,9 @@ loop_wait(struct transport *t)
 
 	if (t->heartbeat_ms > 0 && t->connected && (int)(t->heartbeat_ms / 2) < timeout)
 		timeout = (int)(t->heartbeat_ms / 2);
+	/* The turn hook may need turns more often (the systemd watchdog). */
+	if (t->hooks.turn_max_ms > 0 && (int)t->hooks.turn_max_ms < timeout)
+		timeout = (int)t->hooks.turn_max_ms;
 	if (!t->connected) {
 		uint64_t now = now_ns();
 		/* Rounded up: no spinning through the last millisecond. */

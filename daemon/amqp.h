@@ -31,6 +31,8 @@ struct transport_hooks {
 	 * half heartbeat); healthy = connected and heartbeats fine.  main.c
 	 * pings the systemd watchdog from here. */
 	void (*turn)(void *ctx, bool healthy);
+	/* Longest wait between turns (0: the transport's own default). */
+	unsigned turn_max_ms;
 	/* Connection state changed (for STATUS= and logs). */
 	void (*state)(void *ctx, bool connected);
 	/* Text answering a control message with x-occamy-command: status

@@ -361,8 +361,9 @@ keyword_set(const struct keyword *k, struct config *c, const char *v,
 	case K_URI:
 		if (strncmp(v, "amqp://", 7) != 0 &&
 		    strncmp(v, "amqps://", 8) != 0) {
+			/* Never echo the value: it may hold the password. */
 			snprintf(why, whylen,
-				 "'%s' must start with amqp:// or amqps://", v);
+				 "must start with amqp:// or amqps://");
 			return -1;
 		}
 		break;
@@ -728,6 +729,15 @@ config_check(struct parse *p)
 			conf_error(p, c->plugins[i].line,
 				   "[plugin %s] key 'path': missing; every "
 				   "plugin needs one", c->plugins[i].name);
+	if (*c->default_handler != '\0') {
+		for (i = 0; i < c->nplugins; i++)
+			if (strcmp(c->plugins[i].name, c->default_handler) == 0)
+				break;
+		if (i == c->nplugins)
+			key_error(p, key_line(p, SEC_SERVER, "default_handler"), "server",
+				  "default_handler", "'%s' names no [plugin] section",
+				  c->default_handler);
+	}
 }
 
 static int

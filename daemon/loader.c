@@ -383,16 +383,6 @@ plugin_set_load(struct router *r, const struct config *cfg, char *err, size_t er
 		else
 			set->plugins[set->n++] = p;
 	}
-	if (!failed && cfg->default_handler[0] != '\0') {
-		for (i = 0; i < set->n; i++)
-			if (strcmp(set->plugins[i]->name, cfg->default_handler) == 0)
-				break;
-		if (i == set->n) {
-			err_append(err, errlen, "%s: default_handler '%s' names no [plugin] section",
-				   cfg->file, cfg->default_handler);
-			failed = true;
-		}
-	}
 	if (failed) {
 		plugin_set_release(set);
 		return NULL;

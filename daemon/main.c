@@ -318,11 +318,14 @@ main(int argc, char **argv)
 	d.metrics = metrics_new(&d.cfg);
 	d.sched = sched_new(&sc, &src, metrics_observer(d.metrics));
 	metrics_attach(d.metrics, d.sched);
+	if (sd_watchdog_enabled(0, &usec) > 0) {
+		atomic_store(&d.watchdog_usec, usec);
+		/* Ping at half the interval: turn at least every quarter. */
+		hooks.turn_max_ms = usec / 4000 > 0 ? (unsigned)(usec / 4000) : 1;
+	}
 	d.transport = transport_new(&d.cfg, d.sched, &hooks);
 	metrics_attach_transport(d.metrics, d.transport);
 	router_set_publisher(d.router, publish_via_transport, d.transport);
-	if (sd_watchdog_enabled(0, &usec) > 0)
-		atomic_store(&d.watchdog_usec, usec);
 	if (pthread_create(&d.transport_thread, NULL, transport_main, d.transport) != 0)
 		fatal("cannot start the transport thread");
 	pthread_setname_np(d.transport_thread, "amqp");

@@ -98,8 +98,10 @@ struct slot {
 	uint64_t pending_deadline_ns;
 };
 
+/* A stored help request: a job not yet started, so control messages to its
+ * task ID reach it while it waits (its master may say "done"). */
 struct external {
-	struct task *task;
+	struct job *job;
 	int64_t deadline_ms;
 	uint64_t seq;
 };
@@ -926,33 +928,42 @@ sched_submit_request(struct sched *s, struct message *m)
 static bool
 external_before(const struct external *a, const struct external *b)
 {
-	if (a->task->priority != b->task->priority)
-		return a->task->priority > b->task->priority;
+	if (a->job->task->priority != b->job->task->priority)
+		return a->job->task->priority > b->job->task->priority;
 	return a->seq < b->seq;
+}
+
+/* Drop a stored help request: it never runs; pending control is acked. */
+static void
+store_drop(struct sched *s, struct job *j, enum sched_drop_reason why, struct deferred *d)
+{
+	s->st.external_drops[why]++;
+	j->finished = true;
+	job_flush_control(s, j, d);
+	job_unref(s, j, d);
 }
 
 static void
 store_external(struct sched *s, struct task *t, struct deferred *d)
 {
-	struct external e = {.task = t, .seq = ++s->store_seq};
+	struct external e = {.seq = ++s->store_seq};
 	unsigned i;
 
 	e.deadline_ms = t->deadline_ms > 0 ? t->deadline_ms :
 		wall_ms() + (int64_t)s->cfg.external_ttl_ms;
+	e.job = job_new(s, t, NULL, SLOT_EXTERNAL, 0); /* the store's reference */
 	if (s->cfg.external_queue_max == 0) {
-		s->st.external_drops[DROP_FULL]++;
-		defer_destroy(d, t);
+		store_drop(s, e.job, DROP_FULL, d);
 		return;
 	}
 	if (s->nstore == s->cfg.external_queue_max) {
 		/* Full: the worst entry (last) makes way only for a better one. */
 		struct external *worst = &s->store[s->nstore - 1];
-		s->st.external_drops[DROP_FULL]++;
 		if (!external_before(&e, worst)) {
-			defer_destroy(d, t);
+			store_drop(s, e.job, DROP_FULL, d);
 			return;
 		}
-		defer_destroy(d, worst->task);
+		store_drop(s, worst->job, DROP_FULL, d);
 		s->nstore--;
 	}
 	for (i = s->nstore; i > 0 && external_before(&e, &s->store[i - 1]); i--)
@@ -969,12 +980,10 @@ store_prune(struct sched *s, struct deferred *d)
 	unsigned i, k = 0;
 
 	for (i = 0; i < s->nstore; i++) {
-		if (s->store[i].deadline_ms <= now) {
-			s->st.external_drops[DROP_EXPIRED]++;
-			defer_destroy(d, s->store[i].task);
-		} else {
+		if (s->store[i].deadline_ms <= now)
+			store_drop(s, s->store[i].job, DROP_EXPIRED, d);
+		else
 			s->store[k++] = s->store[i];
-		}
 	}
 	s->nstore = k;
 }
@@ -984,10 +993,8 @@ store_clear(struct sched *s, struct deferred *d)
 {
 	unsigned i;
 
-	for (i = 0; i < s->nstore; i++) {
-		s->st.external_drops[DROP_SHUTDOWN]++;
-		defer_destroy(d, s->store[i].task);
-	}
+	for (i = 0; i < s->nstore; i++)
+		store_drop(s, s->store[i].job, DROP_SHUTDOWN, d);
 	s->nstore = 0;
 }
 
@@ -1000,6 +1007,7 @@ sched_submit_control(struct sched *s, struct message *m)
 	struct deferred d = {0};
 	struct control_ref *r;
 	struct job *j;
+	unsigned i;
 
 	pthread_mutex_lock(&s->mu);
 	if (h == NULL) {
@@ -1027,6 +1035,12 @@ sched_submit_control(struct sched *s, struct message *m)
 		if (j->cancelled || j->task->id == NULL || j->task->ops->handle == NULL)
 			continue;
 		if (strcmp(j->task->id, h->str) == 0)
+			job_enqueue_control(s, j, r, &d);
+	}
+	for (i = 0; i < s->nstore; i++) {
+		j = s->store[i].job;
+		if (j->task->id != NULL && j->task->ops->handle != NULL &&
+		    strcmp(j->task->id, h->str) == 0)
 			job_enqueue_control(s, j, r, &d);
 	}
 	if (r->refs > 1)
@@ -1237,7 +1251,10 @@ expansion_pass(struct sched *s, struct deferred *d)
 		memmove(&s->store[0], &s->store[1], (s->nstore - 1) * sizeof(*s->store));
 		s->nstore--;
 		count_empty(s, &slot);
-		job_start(s, job_new(s, e.task, NULL, SLOT_EXTERNAL, 0), (unsigned)slot);
+		job_start(s, e.job, (unsigned)slot);
+		/* Its own expand() deserves the rest of the room now, not at
+		 * the next period: run the pass again. */
+		s->expand_kick = true;
 	}
 }
 
@@ -1296,8 +1313,10 @@ expansion_main(void *arg)
 
 		if (kt < next)
 			next = kt;
-		expansion_pass(s, &d);
+		/* Cleared before the pass: a kick while expand() runs unlocked
+		 * means another pass, not a lost event. */
 		s->expand_kick = false;
+		expansion_pass(s, &d);
 		pthread_mutex_unlock(&s->mu);
 		deferred_run(&d);
 		pthread_mutex_lock(&s->mu);
@@ -1453,10 +1472,8 @@ sched_reconfigure(struct sched *s, const struct sched_config *cfg)
 		s->store = xrealloc(s->store, cap * sizeof(*s->store));
 		s->store_cap = cap;
 	}
-	while (s->nstore > s->cfg.external_queue_max) {
-		s->st.external_drops[DROP_FULL]++;
-		defer_destroy(&d, s->store[--s->nstore].task);
-	}
+	while (s->nstore > s->cfg.external_queue_max)
+		store_drop(s, s->store[--s->nstore].job, DROP_FULL, &d);
 	kick_expansion(s);
 	pthread_mutex_unlock(&s->mu);
 	deferred_run(&d);

@@ -27,6 +27,9 @@
  *    Calls of task_handle for one task are serialised; task_expand calls for
  *    one task are serialised; the two may overlap each other.
  *  - task_handle must be quick: queue the data for task_run and return.
+ *    For a help request's task it may come before task_run starts (while
+ *    the task waits in the store for a free slot), so that a master's
+ *    "stop" reaches assistants that have not started yet.
  *  - task_info may be called from any thread at any time until task_destroy;
  *    the strings it returns must stay valid and unchanged until then.
  *  - task_destroy is called exactly once per task, after every other callback

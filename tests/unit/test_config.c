@@ -331,7 +331,7 @@ test_multiple_errors_are_all_reported_in_line_order(void **state)
 	snprintf(want, sizeof(want),
 		 "%1$s:2: [server] key 'slots': 0 is out of range 1..1024\n"
 		 "%1$s:3: [server] key 'bogus': unknown key\n"
-		 "%1$s:5: [amqp] key 'uri': 'http://x' must start with "
+		 "%1$s:5: [amqp] key 'uri': must start with "
 		 "amqp:// or amqps://\n"
 		 "%1$s:6: [plugin p] key 'path': missing; every plugin needs one\n"
 		 "%1$s:9: [metrics] key 'window': 'x' is not a decimal integer",
@@ -732,10 +732,12 @@ static const struct bad_file bad_files[] = {
 	 "[server]\nhelper_priority = Idle\n",
 	 ":2: [server] key 'helper_priority': 'Idle' is not one of: idle, "
 	 "normal", 1},
-	{"test_uri_without_amqp_scheme_is_refused",
-	 "[amqp]\nuri = http://127.0.0.1:5672/\n",
-	 ":2: [amqp] key 'uri': 'http://127.0.0.1:5672/' must start with "
-	 "amqp:// or amqps://", 1},
+	{"test_uri_without_amqp_scheme_is_refused_without_echoing_it",
+	 "[amqp]\nuri = amqps//user:s3cret@127.0.0.1:5672/\n",
+	 ":2: [amqp] key 'uri': must start with amqp:// or amqps://", 1},
+	{"test_default_handler_must_name_a_plugin_section",
+	 "[server]\ndefault_handler = ghost\n[plugin noop]\npath = noop.so\n",
+	 ":2: [server] key 'default_handler': 'ghost' names no [plugin] section", 1},
 	{"test_metrics_listen_without_host_is_refused",
 	 "[metrics]\nlisten = 9464\n",
 	 ":2: [metrics] key 'listen': '9464' is not HOST:PORT (port "

@@ -210,22 +210,6 @@ test_unknown_or_bad_handler_is_an_invalid_message(void **state)
 }
 
 static void
-test_default_handler_must_name_a_plugin(void **state)
-{
-	struct config cfg;
-	struct router *r;
-	char errs[4096] = "";
-
-	(void)state;
-	load_conf(&cfg, "default_handler = ghost\n[plugin noop]\npath = noop.so\n", NULL);
-	r = router_new(&cfg);
-	assert_null(plugin_set_load(r, &cfg, errs, sizeof(errs)));
-	assert_non_null(strstr(errs, "default_handler 'ghost' names no [plugin] section"));
-	router_free(r);
-	config_free(&cfg);
-}
-
-static void
 test_abi_mismatch_is_refused_naming_both_versions(void **state)
 {
 	(void)state;
@@ -431,7 +415,6 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_good_plugin_loads_and_routes_by_handler_header),
 		cmocka_unit_test(test_unknown_or_bad_handler_is_an_invalid_message),
-		cmocka_unit_test(test_default_handler_must_name_a_plugin),
 		cmocka_unit_test(test_abi_mismatch_is_refused_naming_both_versions),
 		cmocka_unit_test(test_missing_entry_symbol_is_refused),
 		cmocka_unit_test(test_missing_file_is_refused),

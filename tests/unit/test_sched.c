@@ -1161,6 +1161,43 @@ test_control_reaches_every_task_with_the_id(void **state)
 }
 
 static void
+test_control_reaches_a_help_request_waiting_in_the_store(void **state)
+{
+	struct sched *s = start(1, HELPER_PRIORITY_NORMAL);
+	struct recipe rq = {.mode = RUN_UNTIL_RELEASE};
+	struct recipe rx = {.mode = RUN_UNTIL_CANCEL, .id = "helper-of-m"};
+	struct fake_msg *q = msg_new(&rq), *help, *ctl;
+	struct fake_task *blocker, *stored;
+	struct sched_stats st;
+
+	(void)state;
+	sched_submit_request(s, &q->base);
+	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
+	blocker = atomic_load(&last_task);
+	help = control_new(NULL, false);
+	help->r = rx;
+	sched_submit_control(s, &help->base);
+	WAIT_SETTLED(help, 2000);
+	stored = atomic_load(&last_task);
+	sched_get_stats(s, &st);
+	assert_int_equal(st.external_queued, 1);
+	/* Its master says "done" before it ever runs: it must hear it. */
+	ctl = control_new("helper-of-m", false);
+	sched_submit_control(s, &ctl->base);
+	WAIT_SETTLED(ctl, 2000);
+	assert_int_equal(atomic_load(&stored->handled), 1);
+	assert_int_equal(atomic_load(&stored->running), 0);
+	sched_get_stats(s, &st);
+	assert_int_equal(st.control_routed, 1);
+	atomic_store(&blocker->released, true);
+	WAIT_SETTLED(q, 2000);
+	finish(s);
+	msg_free(q);
+	msg_free(help);
+	msg_free(ctl);
+}
+
+static void
 test_non_string_task_id_is_dead_lettered(void **state)
 {
 	struct sched *s = start(1, HELPER_PRIORITY_NORMAL);
@@ -1379,6 +1416,7 @@ main(void)
 		cmocka_unit_test_setup(test_external_store_orders_by_priority_and_expires, reset_counters),
 		cmocka_unit_test_setup(test_external_task_without_deadline_is_kept_until_ttl, reset_counters),
 		cmocka_unit_test_setup(test_control_reaches_every_task_with_the_id, reset_counters),
+		cmocka_unit_test_setup(test_control_reaches_a_help_request_waiting_in_the_store, reset_counters),
 		cmocka_unit_test_setup(test_non_string_task_id_is_dead_lettered, reset_counters),
 		cmocka_unit_test_setup(test_shutdown_lets_short_tasks_finish_and_requeues_long_ones, reset_counters),
 		cmocka_unit_test_setup(test_cancel_requests_requeues_protected_tasks, reset_counters),
