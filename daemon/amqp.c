@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -301,6 +302,7 @@ password_read(const char *path, char *buf, size_t len, char *why, size_t whylen)
 		snprintf(why, whylen, "password_file %s: %s", path, strerror(errno));
 		return -1;
 	}
+
 	if (fgets(buf, (int)len, f) == NULL) {
 		snprintf(why, whylen, "password_file %s: empty", path);
 		fclose(f);
@@ -351,6 +353,12 @@ headers_convert(struct delivery *d, char *why, size_t whylen)
 	size = n * sizeof(*items);
 	for (i = 0; i < n; i++) {
 		const amqp_table_entry_t *e = &tbl->entries[i];
+		/* Keys are C strings to plugins: "task-id\0x" must not pass
+		 * for "task-id". */
+		if (e->key.len > 0 && memchr(e->key.bytes, '\0', e->key.len) != NULL) {
+			snprintf(why, whylen, "header key with a NUL byte");
+			return -1;
+		}
 		size += e->key.len + 1;
 		if (e->value.kind == AMQP_FIELD_KIND_UTF8) {
 			if (e->value.value.bytes.len > HEADER_VALUE_MAX) {
@@ -1585,6 +1593,34 @@ transport_run(struct transport *t)
 }
 
 /* ---- public ----------------------------------------------------------- */
+
+int
+transport_check_config(const struct config *cfg, char *why, size_t whylen)
+{
+	struct amqp_connection_info ci;
+	char *buf = xstrdup(cfg->uri);
+	struct stat st;
+	int rc = 0;
+
+	if (amqp_parse_url(buf, &ci) != AMQP_STATUS_OK) {
+		/* Never echo it: it may hold the password. */
+		snprintf(why, whylen, "%s: [amqp] key 'uri': cannot be parsed as "
+			 "amqp[s]://user[:password]@host[:port]/[vhost]", cfg->file);
+		rc = -1;
+	} else if (cfg->password_file[0] != '\0') {
+		if (stat(cfg->password_file, &st) != 0 || access(cfg->password_file, R_OK) != 0) {
+			snprintf(why, whylen, "%s: [amqp] key 'password_file': %s: %s", cfg->file,
+				 cfg->password_file, strerror(errno));
+			rc = -1;
+		} else if (st.st_mode & (S_IRGRP | S_IROTH)) {
+			/* Like ssh with its keys, but a warning: it still works. */
+			log_warnx("password_file %s is readable by group or others (mode %03o); "
+				  "chmod 600 it", cfg->password_file, (unsigned)(st.st_mode & 0777));
+		}
+	}
+	free(buf);
+	return rc;
+}
 
 struct transport *
 transport_new(const struct config *cfg, struct sched *s, const struct transport_hooks *hooks)

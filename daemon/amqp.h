@@ -52,6 +52,10 @@ struct transport_stats {
 	uint64_t stale_settlements; /* dropped: from an older connection */
 };
 
+/* Checks what config.c cannot: the URI parses, the password file can be
+ * read (warns if others may read it too).  -1 with why on error. */
+int transport_check_config(const struct config *cfg, char *why, size_t whylen);
+
 /* Reads the [amqp] and header settings of cfg (copied; cfg may go away). */
 struct transport *transport_new(const struct config *cfg, struct sched *s,
 				const struct transport_hooks *hooks);

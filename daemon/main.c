@@ -213,6 +213,11 @@ reload(struct daemon *d)
 		log_warnx("reload refused, keeping the running configuration:\n%s", errs);
 		goto done;
 	}
+	if (transport_check_config(&ncfg, errs, sizeof(errs)) != 0) {
+		log_warnx("reload refused, keeping the running configuration:\n%s", errs);
+		config_free(&ncfg);
+		goto done;
+	}
 	set = plugin_set_load(d->router, &ncfg, errs, sizeof(errs));
 	if (set == NULL) {
 		log_warnx("reload refused, keeping the running configuration:\n%s", errs);
@@ -294,6 +299,11 @@ main(int argc, char **argv)
 
 	if (config_load(d.config_path, &d.cfg, errs, sizeof(errs)) != 0) {
 		print_errors(errs);
+		return EX_CONFIG;
+	}
+	if (transport_check_config(&d.cfg, errs, sizeof(errs)) != 0) {
+		print_errors(errs);
+		config_free(&d.cfg);
 		return EX_CONFIG;
 	}
 	d.router = router_new(&d.cfg);
