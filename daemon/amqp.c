@@ -661,7 +661,7 @@ settlement_needs_publish(const struct transport *t, const struct delivery *d)
 		return false;
 	case SETTLE_RETRY:
 		return t->delivery_limit > 0 && d->delivery_count >= 0 &&
-		       (uint64_t)d->delivery_count + 1 >= t->delivery_limit;
+		       (uint64_t)d->delivery_count >= t->delivery_limit;
 	case SETTLE_DEAD_LETTER:
 		return true;
 	}

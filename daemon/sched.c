@@ -523,6 +523,20 @@ job_enqueue_control(struct sched *s, struct job *j, struct control_ref *r,
 
 /* ---- job completion ---- */
 
+/* Stop a helper.  On idle-priority threads it cannot slow anyone down, so
+ * its slot is free at once and it drains outside any slot. */
+static void
+helper_stop(struct sched *s, struct job *j)
+{
+	job_cancel(j);
+	if (s->helpers_idle && j->slot >= 0 && s->slots[j->slot].pending == NULL) {
+		s->slots[j->slot].job = NULL;
+		s->slots[j->slot].status = SLOT_EMPTY;
+		j->slot = -1;
+		kick_expansion(s);
+	}
+}
+
 static void
 cancel_lineage(struct sched *s, unsigned long root, const struct job *except)
 {
@@ -530,7 +544,7 @@ cancel_lineage(struct sched *s, unsigned long root, const struct job *except)
 
 	for (j = s->running; j != NULL; j = j->next)
 		if (j->root == root && j != except && j->kind != SLOT_PROTECTED)
-			job_cancel(j);
+			helper_stop(s, j);
 }
 
 static enum settle_outcome
@@ -776,6 +790,22 @@ choose_victim(const struct sched *s)
 	return best;
 }
 
+/* A slot whose helper was cancelled and is still returning, with nobody
+ * waiting for it yet; -1 if none. */
+static int
+slot_to_wait_for(const struct sched *s)
+{
+	unsigned i;
+
+	for (i = 0; i < s->nslots; i++) {
+		const struct slot *sl = &s->slots[i];
+		if (sl->pending == NULL && sl->job != NULL && sl->job->cancelled &&
+		    sl->status != SLOT_PROTECTED)
+			return (int)i;
+	}
+	return -1;
+}
+
 static void
 admit_one(struct sched *s, struct message *m)
 {
@@ -822,6 +852,18 @@ admit_one(struct sched *s, struct message *m)
 		goto out;
 	}
 	victim = choose_victim(s);
+	if (victim < 0 && (slot = slot_to_wait_for(s)) >= 0) {
+		/* A helper was told to stop but has not returned yet: wait for
+		 * its slot like a preemption does.  Requeueing at once would
+		 * only bring the message straight back (its slot holds no
+		 * delivery, so prefetch does not hold it off): a tight loop. */
+		s->st.admitted++;
+		s->slots[slot].pending = job_new(s, t, m, SLOT_PROTECTED, 0);
+		s->slots[slot].pending_deadline_ns = now_ns() +
+			(uint64_t)s->cfg.kill_timeout_ms * 1000000u;
+		kick_expansion(s); /* arms the kill timer */
+		goto out;
+	}
 	if (victim < 0) {
 		/* Protected tasks fill the server: another server may have room. */
 		s->st.requeued_no_room++;
