@@ -467,7 +467,7 @@ delivery_settle(struct message *m, const struct settlement *s)
 {
 	struct delivery *d = (struct delivery *)m;
 	struct transport *t = d->t;
-	bool destroy = false, late;
+	bool destroy = false, late, first = false;
 
 	d->outcome = s->outcome;
 	snprintf(d->reason, sizeof(d->reason), "%s",
@@ -484,6 +484,9 @@ delivery_settle(struct message *m, const struct settlement *s)
 		t->stats.stale_settlements++;
 		destroy = t->free_requested && t->outstanding == 0;
 	} else {
+		/* The owner takes the whole list at once: only the first
+		 * settlement into an empty list needs to wake it. */
+		first = t->settled == NULL;
 		d->next = NULL;
 		*t->settled_tail = d;
 		t->settled_tail = &d->next;
@@ -497,7 +500,8 @@ delivery_settle(struct message *m, const struct settlement *s)
 			transport_destroy(t);
 		return;
 	}
-	wake(t);
+	if (first)
+		wake(t);
 }
 
 static void transport_lose(struct transport *t, bool clean, const char *fmt, ...)

@@ -37,6 +37,9 @@ struct plugin {
 	char *header_handler;
 	atomic_uint refs;
 	bool initialised;
+	/* Its tasks' ops: expand and handle only where the plugin has them,
+	 * so the scheduler does not offer room to tasks that cannot use it. */
+	struct task_ops task_ops;
 };
 
 struct plugin_set {
@@ -259,6 +262,14 @@ is_elf(const char *path)
 	return ok;
 }
 
+/* The task adapter, below. */
+static enum occamy_status ptask_run(struct task *t, const struct occamy_cancel *c,
+				    struct occamy_output *out);
+static size_t ptask_expand(struct task *t, size_t n, struct task **helpers);
+static void ptask_handle(struct task *t, const struct occamy_headers *h, const void *body,
+			 size_t len);
+static void ptask_destroy(struct task *t);
+
 /* The size of the 1.0 descriptor: a plugin must have at least that. */
 #define PLUGIN_DESC_MIN_SIZE                                                   \
 	(offsetof(struct occamy_plugin, task_destroy) + sizeof(void (*)(void *)))
@@ -342,6 +353,12 @@ plugin_load(struct router *r, const struct config *cfg, const struct plugin_conf
 			FAIL("init failed: %s", ierr[0] ? ierr : "(no reason given)");
 	}
 	p->initialised = true;
+	p->task_ops = (struct task_ops){
+		.run = ptask_run,
+		.expand = p->desc->task_expand ? ptask_expand : NULL,
+		.handle = p->desc->task_handle ? ptask_handle : NULL,
+		.destroy = ptask_destroy,
+	};
 	free(opts);
 	log_info("plugin %s loaded from %s (%s %s, ABI %u.%u)", p->name, p->path,
 		 p->desc->name ? p->desc->name : "?",
@@ -447,12 +464,6 @@ ptask_destroy(struct task *t)
 	plugin_unref(p);
 }
 
-static const struct task_ops plugin_task_ops = {
-	.run = ptask_run,
-	.expand = ptask_expand,
-	.handle = ptask_handle,
-	.destroy = ptask_destroy,
-};
 
 static struct task *
 ptask_wrap(struct plugin *p, void *impl)
@@ -461,7 +472,7 @@ ptask_wrap(struct plugin *p, void *impl)
 	struct occamy_task_info info = {0};
 
 	p->desc->task_info(impl, &info);
-	pt->base.ops = &plugin_task_ops;
+	pt->base.ops = &p->task_ops;
 	pt->base.id = info.id && info.id[0] ? xstrdup(info.id) : NULL;
 	pt->base.group = xstrdup(info.group && info.group[0] ? info.group : p->name);
 	pt->base.deadline_ms = info.deadline_ms;

@@ -452,6 +452,28 @@ kick_expansion(struct sched *s)
 	pthread_cond_signal(&s->expand_cv);
 }
 
+/* Kick only if a pass could start something: waking the expansion thread
+ * for every finished request costs more than the request itself. */
+static void
+kick_expansion_if_useful(struct sched *s)
+{
+	const struct job *j;
+
+	if (s->expand_kick)
+		return;
+	if (s->nstore > 0) {
+		kick_expansion(s);
+		return;
+	}
+	for (j = s->running; j != NULL; j = j->next) {
+		if (!j->cancelled && j->slot >= 0 && j->task != NULL &&
+		    j->task->ops->expand != NULL) {
+			kick_expansion(s);
+			return;
+		}
+	}
+}
+
 /* ---- control routing ---- */
 
 static void
@@ -631,7 +653,7 @@ job_finish(struct sched *s, struct job *j, enum occamy_status st,
 	} else if (st != OCCAMY_OK && !(j->cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
 		s->st.helper_errors++;
 	}
-	kick_expansion(s);
+	kick_expansion_if_useful(s);
 	pthread_cond_broadcast(&s->idle_cv);
 }
 
@@ -647,6 +669,65 @@ set_helper_priority(struct worker *w)
 	w->niced = true;
 	if (setpriority(PRIO_PROCESS, (id_t)w->tid, 19) != 0)
 		log_warn("sched: cannot lower helper thread priority");
+}
+
+static enum occamy_status make_task(struct sched *s, const struct message *m, bool is_help,
+				     struct task **t, char *reason, size_t len);
+
+/* A request given a slot straight from the transport: make its task here,
+ * on the slot's thread, so the transport never runs plugin code and a
+ * request costs no extra thread hop.  Called and returns with the lock
+ * held; false if there is nothing to run (the slot is free again). */
+static bool
+worker_make_task(struct sched *s, struct worker *w, struct job *j)
+{
+	struct message *m = j->msg;
+	struct task *t = NULL;
+	char reason[300];
+	enum occamy_status st;
+	enum settle_outcome o;
+
+	pthread_mutex_unlock(&s->mu);
+	st = make_task(s, m, false, &t, reason, sizeof(reason));
+	pthread_mutex_lock(&s->mu);
+	if (st == OCCAMY_OK && !j->cancelled) {
+		j->task = t;
+		if (t->ops->expand != NULL)
+			kick_expansion(s); /* a protected task may expand */
+		return true;
+	}
+	if (st == OCCAMY_OK) {
+		o = SETTLE_REQUEUE;
+		snprintf(reason, sizeof(reason), "cancelled before it started");
+	} else {
+		o = outcome_of(st, false);
+		s->st.make_task_errors++;
+	}
+	/* Undo the reservation: nothing ran. */
+	if (j->prev)
+		j->prev->next = j->next;
+	else
+		s->running = j->next;
+	if (j->next)
+		j->next->prev = j->prev;
+	s->slots[j->slot].job = NULL;
+	s->slots[j->slot].status = SLOT_EMPTY;
+	count_settlement(s, o);
+	s->settling++;
+	w->job = NULL;
+	w->next_free = s->free_protected;
+	s->free_protected = w;
+	kick_expansion_if_useful(s);
+	pthread_mutex_unlock(&s->mu);
+	if (t != NULL)
+		t->ops->destroy(t);
+	m->ops->settle(m, &(struct settlement){o, reason, NULL, 0, NULL});
+	cancel_destroy(&j->cancel);
+	free(j);
+	pthread_mutex_lock(&s->mu);
+	s->settling--;
+	pthread_cond_broadcast(&s->idle_cv);
+	return false;
 }
 
 static void *
@@ -679,6 +760,8 @@ worker_main(void *arg)
 		if (w->job == NULL)
 			break;
 		j = w->job;
+		if (j->task == NULL && !worker_make_task(s, w, j))
+			continue;
 		if (j->kind == SLOT_PROTECTED && j->msg != NULL) {
 			double lat = (double)(now_ns() - j->msg->arrival_ns) / 1e9;
 			unsigned b;
@@ -959,6 +1042,19 @@ sched_submit_request(struct sched *s, struct message *m)
 		return;
 	}
 	s->st.requests++;
+	if (!s->stopping && s->admissions.head == NULL && s->free_protected != NULL) {
+		int slot;
+
+		/* The common case, a free slot: no admission thread hop; the
+		 * slot's worker makes the task. */
+		count_empty(s, &slot);
+		if (slot >= 0) {
+			s->st.admitted++;
+			job_start(s, job_new(s, NULL, m, SLOT_PROTECTED, 0), (unsigned)slot);
+			pthread_mutex_unlock(&s->mu);
+			return;
+		}
+	}
 	msgq_push(&s->admissions, m);
 	pthread_cond_signal(&s->admit_cv);
 	pthread_mutex_unlock(&s->mu);
@@ -1074,7 +1170,8 @@ sched_submit_control(struct sched *s, struct message *m)
 	r->m = m;
 	r->refs = 1; /* ours, until routing is done */
 	for (j = s->running; j != NULL; j = j->next) {
-		if (j->cancelled || j->task->id == NULL || j->task->ops->handle == NULL)
+		if (j->cancelled || j->task == NULL || j->task->id == NULL ||
+		    j->task->ops->handle == NULL)
 			continue;
 		if (strcmp(j->task->id, h->str) == 0)
 			job_enqueue_control(s, j, r, &d);
@@ -1199,7 +1296,7 @@ expand_class(struct sched *s, enum slot_status kind, struct deferred *d)
 	struct job *j;
 
 	for (j = s->running; j != NULL; j = j->next) {
-		if (j->kind != kind || j->cancelled || j->slot < 0 ||
+		if (j->kind != kind || j->cancelled || j->slot < 0 || j->task == NULL ||
 		    j->task->ops->expand == NULL)
 			continue;
 		if (ncand == cap) {
@@ -1742,7 +1839,7 @@ sched_get_slots(struct sched *s, struct slot_view *v, unsigned n)
 
 		memset(&v[i], 0, sizeof(v[i]));
 		v[i].status = s->slots[i].status;
-		if (j == NULL)
+		if (j == NULL || j->task == NULL)
 			continue;
 		v[i].stuck = j->cancelled && now - j->cancel_ns > kill_ns;
 		snprintf(v[i].group, sizeof(v[i].group), "%s", j->task->group);

@@ -67,6 +67,7 @@ struct fake_msg {
 	struct message base;
 	struct recipe r;
 	struct occamy_header hdr[2];
+	struct fake_task *_Atomic made; /* the task made from it */
 	atomic_int entered;
 	atomic_int settled;
 	enum settle_outcome outcome;
@@ -196,8 +197,6 @@ fake_task_new(const struct recipe *r, struct fake_task *parent)
 	return f;
 }
 
-/* The last task made from a request, so tests can poke it. */
-static struct fake_task *_Atomic last_task;
 
 static enum occamy_status
 fake_make_task(void *ctx, const struct message *m, bool is_help, struct task **out,
@@ -215,7 +214,8 @@ fake_make_task(void *ctx, const struct message *m, bool is_help, struct task **o
 	if (fm->r.make_null)
 		return OCCAMY_OK;
 	f = fake_task_new(&fm->r, NULL);
-	atomic_store(&last_task, f);
+	/* The message is the test's; it reads this back with task_of(). */
+	atomic_store(&((struct fake_msg *)(uintptr_t)fm)->made, f);
 	*out = &f->base;
 	return OCCAMY_OK;
 }
@@ -283,6 +283,19 @@ control_new(const char *task_id, bool as_int)
 		m->base.headers.count = 1;
 	}
 	return m;
+}
+
+/* The task made from m, once the scheduler has made it. */
+static struct fake_task *
+task_of(struct fake_msg *m)
+{
+	int i;
+
+	for (i = 0; i < 20000 && atomic_load(&m->made) == NULL; i++)
+		usleep(100);
+	if (atomic_load(&m->made) == NULL)
+		fail_msg("no task was made from the message");
+	return atomic_load(&m->made);
 }
 
 static void
@@ -536,7 +549,7 @@ test_scenario_a_one_request_fills_every_slot_with_its_helpers(void **state)
 
 	(void)state;
 	m = fill_with_helpers(s, 8, RUN_UNTIL_CANCEL);
-	master = atomic_load(&last_task);
+	master = task_of(m);
 	/* n is exactly the room there was: 7 empty slots, no buffer. */
 	assert_int_equal(atomic_load(&master->expand_first_n), 7);
 	assert_int_equal(atomic_load(&master->created), 7);
@@ -567,7 +580,7 @@ test_expand_is_offered_exactly_the_free_room(void **state)
 	m = msg_new(&r);
 	sched_submit_request(s, &m->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
-	master = atomic_load(&last_task);
+	master = task_of(m);
 	sched_expand_now(s);
 	usleep(20000);
 	/* 5 empty slots, 2 kept for requests: n = 3, not 5 or 10. */
@@ -599,17 +612,17 @@ test_helpers_returned_beyond_room_are_destroyed(void **state)
 	(void)state;
 	sched_submit_request(s, &m->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
-	mt = atomic_load(&last_task);
+	mt = task_of(m);
 	assert_true(wait_for(is_expanding, mt, 2000));
 	/* While the plugin is inside expand(2), requests take the room. */
 	b1 = msg_new(&rb);
 	sched_submit_request(s, &b1->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 2, 2000);
-	t1 = atomic_load(&last_task);
+	t1 = task_of(b1);
 	b2 = msg_new(&rb);
 	sched_submit_request(s, &b2->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 3, 2000);
-	t2 = atomic_load(&last_task);
+	t2 = task_of(b2);
 	atomic_store(&mt->gate_open, true);
 	usleep(20000);
 	sched_get_stats(s, &st);
@@ -697,7 +710,7 @@ test_scenario_b_request_preempts_a_helper(enum helper_priority hp)
 {
 	struct sched *s = start(4, hp);
 	struct fake_msg *master = fill_with_helpers(s, 4, RUN_UNTIL_CANCEL);
-	struct fake_task *mt = atomic_load(&last_task);
+	struct fake_task *mt = task_of(master);
 	struct recipe r = {.mode = RUN_UNTIL_RELEASE};
 	struct fake_msg *m = msg_new(&r);
 	struct sched_stats st;
@@ -708,7 +721,7 @@ test_scenario_b_request_preempts_a_helper(enum helper_priority hp)
 	assert_int_equal(st.preemptions, 1);
 	assert_int_equal(st.by_status[SLOT_INTERNAL], 2);
 	assert_int_equal(atomic_load(&m->settled), 0);
-	atomic_store(&atomic_load(&last_task)->released, true);
+	atomic_store(&task_of(m)->released, true);
 	WAIT_SETTLED(m, 2000);
 	assert_int_equal(m->outcome, SETTLE_ACK);
 	atomic_store(&mt->released, true);
@@ -747,7 +760,7 @@ test_external_helpers_are_preempted_before_internal(void **state)
 	(void)state;
 	sched_submit_request(s, &m->base);
 	WAIT_STATUS(s, SLOT_INTERNAL, 1, 2000);
-	master = atomic_load(&last_task);
+	master = task_of(m);
 	help = control_new(NULL, false);
 	help->r = rx;
 	sched_submit_control(s, &help->base);
@@ -763,7 +776,7 @@ test_external_helpers_are_preempted_before_internal(void **state)
 	assert_int_equal(st.by_status[SLOT_INTERNAL], 1);
 
 	atomic_store(&master->released, true);
-	atomic_store(&atomic_load(&last_task)->released, true);
+	atomic_store(&task_of(q)->released, true);
 	WAIT_SETTLED(m, 2000);
 	WAIT_SETTLED(q, 2000);
 	finish(s);
@@ -787,7 +800,7 @@ test_most_recent_helper_is_preempted_first(void **state)
 	(void)state;
 	sched_submit_request(s, &m->base);
 	WAIT_STATUS(s, SLOT_INTERNAL, 1, 2000);
-	master = atomic_load(&last_task);
+	master = task_of(m);
 	usleep(30000); /* make the two helpers' ages clearly different */
 	sched_expand_now(s);
 	WAIT_STATUS(s, SLOT_INTERNAL, 2, 2000);
@@ -807,7 +820,7 @@ test_most_recent_helper_is_preempted_first(void **state)
 	assert_int_equal(after[newest].status, SLOT_PROTECTED);
 	assert_int_equal(after[oldest].status, SLOT_INTERNAL);
 	atomic_store(&master->released, true);
-	atomic_store(&atomic_load(&last_task)->released, true);
+	atomic_store(&task_of(q)->released, true);
 	WAIT_SETTLED(m, 2000);
 	WAIT_SETTLED(q, 2000);
 	finish(s);
@@ -820,7 +833,7 @@ test_kill_timeout_requeues_request_and_stays_responsive(void **state)
 {
 	struct sched *s = start(2, HELPER_PRIORITY_NORMAL); /* kill_timeout 200 ms */
 	struct fake_msg *master = fill_with_helpers(s, 2, RUN_STUBBORN);
-	struct fake_task *mt = atomic_load(&last_task);
+	struct fake_task *mt = task_of(master);
 	struct recipe rq = {.mode = RUN_OK};
 	struct fake_msg *q = msg_new(&rq), *ctl;
 	struct sched_stats st;
@@ -867,7 +880,7 @@ test_stubborn_helper_does_not_delay_admission_in_idle_mode(void **state)
 	(void)state;
 	sched_submit_request(s, &master->base);
 	WAIT_STATUS(s, SLOT_INTERNAL, 1, 2000);
-	mt = atomic_load(&last_task);
+	mt = task_of(master);
 	/* The helper runs on an idle-priority thread, the master does not. */
 	prot = sched_slot_thread_policy(s, 0) == SCHED_IDLE ? 1 : 0;
 	assert_int_equal(sched_slot_thread_policy(s, prot), SCHED_OTHER);
@@ -884,7 +897,7 @@ test_stubborn_helper_does_not_delay_admission_in_idle_mode(void **state)
 	assert_int_equal(sched_slot_thread_policy(s, 0), SCHED_OTHER);
 	assert_int_equal(sched_slot_thread_policy(s, 1), SCHED_OTHER);
 	atomic_store(&mt->released, true);
-	atomic_store(&atomic_load(&last_task)->released, true);
+	atomic_store(&task_of(q)->released, true);
 	WAIT_SETTLED(master, 3000);
 	WAIT_SETTLED(q, 3000);
 	assert_true(wait_for(no_helpers_left, s, 3000));
@@ -910,7 +923,7 @@ test_draining_helpers_are_bounded_by_the_helper_pool(void **state)
 	(void)state;
 	sched_submit_request(s, &master->base);
 	WAIT_STATUS(s, SLOT_INTERNAL, 1, 2000);
-	mt = atomic_load(&last_task);
+	mt = task_of(master);
 	for (i = 0; i < 3; i++) {
 		/* Each request preempts the helper, finishes, and frees the slot
 		 * for a new helper while the old one still drains. */
@@ -949,11 +962,11 @@ test_fair_share_between_two_protected_tasks(void **state)
 	a = msg_new(&r);
 	sched_submit_request(s, &a->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
-	ta = atomic_load(&last_task);
+	ta = task_of(a);
 	b = msg_new(&r);
 	sched_submit_request(s, &b->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 2, 2000);
-	tb = atomic_load(&last_task);
+	tb = task_of(b);
 	atomic_store(&ta->expand_max, 64);
 	atomic_store(&tb->expand_max, 64);
 	sched_expand_now(s);
@@ -985,12 +998,12 @@ test_expansion_serves_protected_tasks_before_stored_help(void **state)
 	(void)state;
 	sched_submit_request(s, &m->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
-	mt = atomic_load(&last_task);
+	mt = task_of(m);
 	for (i = 0; i < 3; i++) {
 		b[i] = msg_new(&rb);
 		sched_submit_request(s, &b[i]->base);
 		WAIT_STATUS(s, SLOT_PROTECTED, i + 2, 2000);
-		bt[i] = atomic_load(&last_task);
+		bt[i] = task_of(b[i]);
 	}
 	/* No room: the help request is stored. */
 	help = control_new(NULL, false);
@@ -1039,7 +1052,7 @@ test_external_store_orders_by_priority_and_expires(void **state)
 	q = msg_new(&rq);
 	sched_submit_request(s, &q->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
-	blocker = atomic_load(&last_task);
+	blocker = task_of(q);
 	for (i = 0; i < 4; i++) {
 		struct recipe rx = {.mode = RUN_UNTIL_CANCEL, .priority = (int)i,
 				    .id = i == 3 ? "expired" : "x"};
@@ -1089,7 +1102,7 @@ test_external_task_without_deadline_is_kept_until_ttl(void **state)
 	q = msg_new(&rq);
 	sched_submit_request(s, &q->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
-	blocker = atomic_load(&last_task);
+	blocker = task_of(q);
 	h = control_new(NULL, false);
 	h->r = rx;
 	sched_submit_control(s, &h->base);
@@ -1122,13 +1135,13 @@ test_control_reaches_every_task_with_the_id(void **state)
 	(void)state;
 	sched_submit_request(s, &a->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
-	ta = atomic_load(&last_task);
+	ta = task_of(a);
 	sched_submit_request(s, &b->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 2, 2000);
-	tb = atomic_load(&last_task);
+	tb = task_of(b);
 	sched_submit_request(s, &c->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 3, 2000);
-	tc = atomic_load(&last_task);
+	tc = task_of(c);
 
 	ctl = control_new("job-7", false);
 	sched_submit_control(s, &ctl->base);
@@ -1173,12 +1186,12 @@ test_control_reaches_a_help_request_waiting_in_the_store(void **state)
 	(void)state;
 	sched_submit_request(s, &q->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
-	blocker = atomic_load(&last_task);
+	blocker = task_of(q);
 	help = control_new(NULL, false);
 	help->r = rx;
 	sched_submit_control(s, &help->base);
 	WAIT_SETTLED(help, 2000);
-	stored = atomic_load(&last_task);
+	stored = task_of(help);
 	sched_get_stats(s, &st);
 	assert_int_equal(st.external_queued, 1);
 	/* Its master says "done" before it ever runs: it must hear it. */
