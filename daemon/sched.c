@@ -16,10 +16,12 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -37,10 +39,10 @@ const double sched_latency_bounds_s[SCHED_LATENCY_BUCKETS] = {
 	0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
 };
 
+/* A flag and a futex on it: no mutex, so firing it never waits for an
+ * idle-priority helper that happens to be inside a sleep. */
 struct occamy_cancel {
-	atomic_bool set;
-	pthread_mutex_t mu; /* only for sleepers */
-	pthread_cond_t cv;
+	atomic_uint set;
 };
 
 /* A control message shared by every task it was routed to; acked when the
@@ -87,8 +89,15 @@ struct worker {
 	bool started;
 	bool niced;      /* SCHED_IDLE was refused: fell back to nice 19 */
 	struct job *job;
-	pthread_cond_t cv;
+	pthread_cond_t cv;          /* protected workers wait on it with s->mu */
 	struct worker *next_free;
+
+	/* Helper workers only: they never take s->mu (see helper_main). */
+	sem_t go;
+	atomic_bool stop;
+	enum occamy_status status;
+	struct occamy_output out;
+	struct worker *next_finished;
 };
 
 struct slot {
@@ -149,6 +158,9 @@ struct sched {
 	uint64_t store_seq;
 
 	pthread_cond_t idle_cv;     /* a job finished */
+	_Atomic(struct worker *) finished_helpers; /* lock-free: helpers push */
+	sem_t reaper_go;
+	pthread_t reaper_thread;
 	unsigned settling;          /* finished jobs whose message is being settled */
 	bool stopping, quit, shut_down, freed_ok, dispatchers_wedged;
 
@@ -219,50 +231,43 @@ slot_status_name(enum slot_status st)
 static void
 cancel_init(struct occamy_cancel *c)
 {
-	atomic_init(&c->set, false);
-	pthread_mutex_init(&c->mu, NULL);
-	cond_init_monotonic(&c->cv);
+	atomic_init(&c->set, 0);
 }
 
 static void
 cancel_destroy(struct occamy_cancel *c)
 {
-	pthread_mutex_destroy(&c->mu);
-	pthread_cond_destroy(&c->cv);
+	(void)c;
 }
 
 static void
 cancel_fire(struct occamy_cancel *c)
 {
-	atomic_store_explicit(&c->set, true, memory_order_release);
-	pthread_mutex_lock(&c->mu);
-	pthread_cond_broadcast(&c->cv);
-	pthread_mutex_unlock(&c->mu);
+	atomic_store_explicit(&c->set, 1, memory_order_release);
+	syscall(SYS_futex, &c->set, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
 }
 
 bool
 cancel_is_set(const struct occamy_cancel *c)
 {
-	return atomic_load_explicit(&c->set, memory_order_acquire);
+	return atomic_load_explicit(&c->set, memory_order_acquire) != 0;
 }
 
 bool
 cancel_sleep_ms(const struct occamy_cancel *cc, uint64_t ms)
 {
-	/* The token is logically const to plugins; sleeping needs its lock. */
-	struct occamy_cancel *c = (struct occamy_cancel *)cc;
-	uint64_t end = now_ns() + ms * 1000000u;
-	struct timespec ts;
-	bool set;
+	/* The token is logically const to plugins; waiting needs its word. */
+	struct occamy_cancel *c = (struct occamy_cancel *)(uintptr_t)cc;
+	uint64_t end = now_ns() + ms * 1000000u, now;
 
-	deadline_to_timespec(end, &ts);
-	pthread_mutex_lock(&c->mu);
-	while (!(set = cancel_is_set(c)) && now_ns() < end)
-		if (pthread_cond_timedwait(&c->cv, &c->mu, &ts) == ETIMEDOUT)
-			break;
-	set = cancel_is_set(c);
-	pthread_mutex_unlock(&c->mu);
-	return set;
+	while (!cancel_is_set(c) && (now = now_ns()) < end) {
+		uint64_t left = end - now;
+		struct timespec rel = {.tv_sec = (time_t)(left / 1000000000u),
+				       .tv_nsec = (long)(left % 1000000000u)};
+		/* Returns at once if the word is no longer 0. */
+		syscall(SYS_futex, &c->set, FUTEX_WAIT_PRIVATE, 0, &rel, NULL, 0);
+	}
+	return cancel_is_set(c);
 }
 
 /* ---- deferred work ---- */
@@ -401,7 +406,10 @@ job_start(struct sched *s, struct job *j, unsigned i)
 	if (j->kind != SLOT_PROTECTED)
 		s->st.expansions[j->kind]++;
 	w->job = j;
-	pthread_cond_signal(&w->cv);
+	if (w->helper_pool)
+		sem_post(&w->go);
+	else
+		pthread_cond_signal(&w->cv);
 }
 
 static unsigned
@@ -691,6 +699,7 @@ worker_make_task(struct sched *s, struct worker *w, struct job *j)
 	st = make_task(s, m, false, &t, reason, sizeof(reason));
 	pthread_mutex_lock(&s->mu);
 	if (st == OCCAMY_OK && !j->cancelled) {
+		s->st.admitted++;
 		j->task = t;
 		if (t->ops->expand != NULL)
 			kick_expansion(s); /* a protected task may expand */
@@ -730,30 +739,86 @@ worker_make_task(struct sched *s, struct worker *w, struct job *j)
 	return false;
 }
 
+/* After run() returned: free the slot, settle, account.  Called with the
+ * lock held, returns with it held; drops it for plugin and transport code. */
+static void
+run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_status st,
+	     struct occamy_output *out)
+{
+	struct deferred d = {0};
+	struct settlement set = {0};
+	struct message *msg;
+	double seconds;
+	char group[64];
+	enum slot_status kind = j->kind;
+	bool was_cancelled = j->cancelled;
+
+	snprintf(group, sizeof(group), "%s", j->task->group);
+	job_finish(s, j, st, out, &d, &set, &msg, &seconds);
+	if (msg != NULL)
+		s->settling++; /* shutdown waits for it */
+	w->job = NULL;
+	j->worker = NULL;
+	w->next_free = w->helper_pool ? s->free_helpers : s->free_protected;
+	if (w->helper_pool)
+		s->free_helpers = w;
+	else
+		s->free_protected = w;
+	job_unref(s, j, &d);
+	pthread_mutex_unlock(&s->mu);
+
+	if (msg != NULL) {
+		char reason[300];
+		if (set.outcome != SETTLE_ACK) {
+			snprintf(reason, sizeof(reason), "%s%s%s", status_reason(st),
+				 out->message[0] ? ": " : "", out->message);
+			set.reason = reason;
+		}
+		msg->ops->settle(msg, &set);
+		pthread_mutex_lock(&s->mu);
+		s->settling--;
+		pthread_cond_broadcast(&s->idle_cv);
+		pthread_mutex_unlock(&s->mu);
+	} else if (st != OCCAMY_OK && !(was_cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
+		log_warnx("%s helper (%s) failed: %s%s%s", slot_status_name(kind),
+			  group, status_reason(st), out->message[0] ? ": " : "",
+			  out->message);
+	}
+	free(out->body);
+	out->body = NULL;
+	if (s->obs.task_done)
+		s->obs.task_done(s->obs.ctx, group, kind, st, seconds);
+	deferred_run(&d);
+	pthread_mutex_lock(&s->mu);
+}
+
+static void
+worker_started(struct worker *w)
+{
+	struct sched *s = w->s;
+
+	w->tid = (pid_t)syscall(SYS_gettid);
+	if (w->helper_pool && s->cfg.helper_priority == HELPER_PRIORITY_IDLE)
+		set_helper_priority(w);
+	pthread_mutex_lock(&s->mu);
+	w->started = true;
+	pthread_cond_broadcast(&s->idle_cv);
+	pthread_mutex_unlock(&s->mu);
+}
+
+/* A protected slot thread: normal priority, takes the lock freely. */
 static void *
 worker_main(void *arg)
 {
 	struct worker *w = arg;
 	struct sched *s = w->s;
 
-	w->tid = (pid_t)syscall(SYS_gettid);
-	if (w->helper_pool && s->cfg.helper_priority == HELPER_PRIORITY_IDLE)
-		set_helper_priority(w);
-
+	worker_started(w);
 	pthread_mutex_lock(&s->mu);
-	w->started = true;
-	pthread_cond_broadcast(&s->idle_cv);
 	for (;;) {
 		struct job *j;
 		struct occamy_output out;
-		struct deferred d = {0};
-		struct settlement set = {0};
-		struct message *msg;
 		enum occamy_status st;
-		double seconds;
-		char group[64];
-		enum slot_status kind;
-		bool was_cancelled;
 
 		while (w->job == NULL && !s->quit)
 			pthread_cond_wait(&w->cv, &s->mu);
@@ -778,46 +843,69 @@ worker_main(void *arg)
 		st = j->task->ops->run(j->task, &j->cancel, &out);
 
 		pthread_mutex_lock(&s->mu);
-		kind = j->kind;
-		was_cancelled = j->cancelled;
-		snprintf(group, sizeof(group), "%s", j->task->group);
-		job_finish(s, j, st, &out, &d, &set, &msg, &seconds);
-		if (msg != NULL)
-			s->settling++; /* shutdown waits for it */
-		w->job = NULL;
-		j->worker = NULL;
-		w->next_free = w->helper_pool ? s->free_helpers : s->free_protected;
-		if (w->helper_pool)
-			s->free_helpers = w;
-		else
-			s->free_protected = w;
-		job_unref(s, j, &d);
-		pthread_mutex_unlock(&s->mu);
-
-		if (msg != NULL) {
-			char reason[300];
-			if (set.outcome != SETTLE_ACK) {
-				snprintf(reason, sizeof(reason), "%s%s%s", status_reason(st),
-					 out.message[0] ? ": " : "", out.message);
-				set.reason = reason;
-			}
-			msg->ops->settle(msg, &set);
-			pthread_mutex_lock(&s->mu);
-			s->settling--;
-			pthread_cond_broadcast(&s->idle_cv);
-			pthread_mutex_unlock(&s->mu);
-		} else if (st != OCCAMY_OK && !(was_cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
-			log_warnx("%s helper (%s) failed: %s%s%s", slot_status_name(kind),
-				  group, status_reason(st), out.message[0] ? ": " : "",
-				  out.message);
-		}
-		free(out.body);
-		if (s->obs.task_done)
-			s->obs.task_done(s->obs.ctx, group, kind, st, seconds);
-		deferred_run(&d);
-		pthread_mutex_lock(&s->mu);
+		run_finished(s, w, j, st, &out);
 	}
 	pthread_mutex_unlock(&s->mu);
+	return NULL;
+}
+
+/*
+ * A helper thread.  It may run at SCHED_IDLE, so it must never hold a lock
+ * a normal thread waits for: a helper preempted inside the scheduler lock
+ * would stall admissions for as long as the CPUs are busy (a priority
+ * inversion).  It takes jobs through its semaphore and hands results to the
+ * reaper thread through a lock-free stack; the reaper does the bookkeeping.
+ */
+static void *
+helper_main(void *arg)
+{
+	struct worker *w = arg;
+	struct sched *s = w->s;
+
+	worker_started(w);
+	for (;;) {
+		struct job *j;
+		struct worker *head;
+
+		while (sem_wait(&w->go) != 0)
+			;
+		if (atomic_load(&w->stop))
+			break;
+		j = w->job; /* set before sem_post: ordered by the semaphore */
+		memset(&w->out, 0, sizeof(w->out));
+		w->status = j->task->ops->run(j->task, &j->cancel, &w->out);
+		head = atomic_load(&s->finished_helpers);
+		do
+			w->next_finished = head;
+		while (!atomic_compare_exchange_weak(&s->finished_helpers, &head, w));
+		sem_post(&s->reaper_go);
+	}
+	return NULL;
+}
+
+/* Normal priority: the bookkeeping of finished helpers. */
+static void *
+reaper_main(void *arg)
+{
+	struct sched *s = arg;
+
+	for (;;) {
+		struct worker *w, *next;
+		bool quit;
+
+		while (sem_wait(&s->reaper_go) != 0)
+			;
+		w = atomic_exchange(&s->finished_helpers, NULL);
+		pthread_mutex_lock(&s->mu);
+		for (; w != NULL; w = next) {
+			next = w->next_finished;
+			run_finished(s, w, w->job, w->status, &w->out);
+		}
+		quit = s->quit && atomic_load(&s->finished_helpers) == NULL;
+		pthread_mutex_unlock(&s->mu);
+		if (quit)
+			break;
+	}
 	return NULL;
 }
 
@@ -1048,8 +1136,9 @@ sched_submit_request(struct sched *s, struct message *m)
 		/* The common case, a free slot: no admission thread hop; the
 		 * slot's worker makes the task. */
 		count_empty(s, &slot);
+		/* Not for preemptions: a helper is stopped only for a request
+		 * that has turned into a task (admission makes it first). */
 		if (slot >= 0) {
-			s->st.admitted++;
 			job_start(s, job_new(s, NULL, m, SLOT_PROTECTED, 0), (unsigned)slot);
 			pthread_mutex_unlock(&s->mu);
 			return;
@@ -1547,10 +1636,11 @@ sched_new(const struct sched_config *cfg, const struct task_source *src,
 		w->s = s;
 		w->helper_pool = i >= s->nslots;
 		cond_init_monotonic(&w->cv);
+		sem_init(&w->go, 0, 0);
 		snprintf(name, sizeof(name), "%s%u", w->helper_pool ? "helper" : "slot",
 			 i % s->nslots);
 		name[15] = '\0'; /* the kernel's limit for thread names */
-		start_thread(&w->thread, worker_main, w, name);
+		start_thread(&w->thread, w->helper_pool ? helper_main : worker_main, w, name);
 		if (w->helper_pool) {
 			w->next_free = s->free_helpers;
 			s->free_helpers = w;
@@ -1568,6 +1658,8 @@ sched_new(const struct sched_config *cfg, const struct task_source *src,
 	s->ndispatchers = s->nslots + 1 < 2 ? 2 : s->nslots + 1;
 	if (s->ndispatchers > DISPATCHERS_MAX)
 		s->ndispatchers = DISPATCHERS_MAX;
+	sem_init(&s->reaper_go, 0, 0);
+	start_thread(&s->reaper_thread, reaper_main, s, "reaper");
 	start_thread(&s->admit_thread, admission_main, s, "admission");
 	start_thread(&s->expand_thread, expansion_main, s, "expansion");
 	for (i = 0; i < s->ndispatchers; i++)
@@ -1720,10 +1812,19 @@ sched_shutdown(struct sched *s)
 	pthread_cond_broadcast(&s->admit_cv);
 	pthread_cond_broadcast(&s->expand_cv);
 	pthread_cond_broadcast(&s->control_cv);
-	for (i = 0; i < 2 * s->nslots; i++)
-		pthread_cond_signal(&s->workers[i].cv);
+	for (i = 0; i < 2 * s->nslots; i++) {
+		struct worker *w = &s->workers[i];
+		if (w->helper_pool) {
+			atomic_store(&w->stop, true);
+			sem_post(&w->go);
+		} else {
+			pthread_cond_signal(&w->cv);
+		}
+	}
+	sem_post(&s->reaper_go);
 	pthread_mutex_unlock(&s->mu);
 
+	pthread_join(s->reaper_thread, NULL);
 	pthread_join(s->admit_thread, NULL);
 	pthread_join(s->expand_thread, NULL);
 	/* Dispatchers may be inside a blocked handle(): do not wait for ever. */
@@ -1787,7 +1888,9 @@ sched_free(struct sched *s)
 	for (i = 0; i < 2 * s->nslots; i++) {
 		pthread_join(s->workers[i].thread, NULL);
 		pthread_cond_destroy(&s->workers[i].cv);
+		sem_destroy(&s->workers[i].go);
 	}
+	sem_destroy(&s->reaper_go);
 	/* Jobs still referenced by nobody but finished are already freed;
 	 * the ready list holds references only to running jobs. */
 	free(s->workers);

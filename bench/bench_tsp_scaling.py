@@ -1,8 +1,8 @@
 #!/usr/bin/python3
-"""bench/tsp_scaling.py - does the gap to the optimum after a fixed budget
+"""bench/bench_tsp_scaling.py - does the gap to the optimum after a fixed budget
 shrink as slots are added?
 
-    tests/broker run /usr/bin/python3 bench/tsp_scaling.py [options] BUILD_DIR
+    tests/broker run /usr/bin/python3 bench/bench_tsp_scaling.py [options] BUILD_DIR
 
 Runs the tsp plugin (BUILD_DIR/plugins/tsp.so) in three configurations:
 
@@ -75,7 +75,7 @@ def parse_args():
     ap.add_argument("--budget", action="append", default=[], metavar="NAME=MS")
     ap.add_argument("--configs", default="1x1,1x2,2x2")
     ap.add_argument("--expansion-period-ms", type=int, default=50)
-    ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    ap.add_argument("--out", default=os.environ.get("OCCAMY_BENCH_OUT", os.path.join(HERE, "out")))
     a = ap.parse_args()
     if not os.path.isdir(a.build):
         ap.error(f"{a.build}: not a directory")
@@ -325,7 +325,7 @@ def write_markdown(path, summ, seeds, load_before, load_after, elapsed, load_mea
     ncpu = os.cpu_count()
     L = []
     L.append("# TSP scaling: gap to the optimum after a fixed budget\n")
-    L.append(f"`bench/tsp_scaling.py{' --smoke' if ARGS.smoke else ''}` on "
+    L.append(f"`bench/bench_tsp_scaling.py{' --smoke' if ARGS.smoke else ''}` on "
              f"{time.strftime('%Y-%m-%d %H:%M %Z')}: {ncpu} CPUs ({cpu}), "
              f"{platform.system()} {platform.release()}; 1-min load average "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after, {load_mean:.2f} mean "
