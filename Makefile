@@ -58,7 +58,7 @@ ifneq ($(CTL_SRC),)
 PROGS += $(B)/occamyctl
 endif
 
-.PHONY: all test unit asan tsan run bench install uninstall clean format-check deps
+.PHONY: all test unit asan tsan valgrind run bench install uninstall clean format-check deps
 all: $(PROGS) $(PLUGINS) $(TPLUGINS) $(UNIT_BIN) $(TOOLS)
 
 $(B)/%.o: %.c
@@ -110,6 +110,15 @@ asan: deps
 tsan: deps
 	$(MAKE) B=build-tsan SAN="-fsanitize=thread -fno-omit-frame-pointer" all
 	OCCAMY_SANITIZER=tsan tests/run build-tsan
+
+# The integration suite with every daemon under valgrind memcheck: a leak
+# or invalid access makes the daemon exit 99 and its test fail.
+valgrind: deps
+	$(MAKE) all
+	OCCAMY_SANITIZER=valgrind OCCAMY_TEST_FILTER='$(or $(FILTER),test_daemon)' \
+	OCCAMY_TEST_WRAPPER="valgrind -q --error-exitcode=99 --leak-check=full \
+	  --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect \
+	  --suppressions=$(CURDIR)/tests/valgrind.supp" tests/run $(B)
 
 run: deps
 	$(MAKE) all

@@ -221,9 +221,9 @@ def write_md(path, runs, celery_version, png, elapsed):
     if short:
         L.append("**Where occamyd falls short of 0.9**, compare the CPU columns: occamyd "
                  "spends several times the bare consumer's CPU per request, nearly all of "
-                 "it handing each request between threads (amqp → admission → slot worker "
-                 "→ amqp, plus a wake-up of the expansion thread per start and per end: "
-                 "about four context switches per request).  On a 2-CPU machine shared "
+                 "it handing each request between threads (amqp → slot worker → amqp, and "
+                 "the locking around each hand-off: about two context switches per "
+                 "request).  On a 2-CPU machine shared "
                  "with the broker, that CPU is taken from the broker; at prefetch 2 the "
                  "hand-offs also add latency to every ack the broker waits for.  "
                  "`bench/PROFILE.md` has the profile and the proposed fixes.")

@@ -27,6 +27,7 @@ import ctypes
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -46,7 +47,9 @@ OCCAMYD = os.path.join(BUILD, "occamyd")
 AMQP_URI = os.environ.get("OCCAMY_TEST_AMQP_URI", "amqp://guest:guest@127.0.0.1:5672/")
 TSPLIB = os.path.join(os.path.dirname(ROOT), "shared", "data", "tsplib")
 SANITIZER = os.environ.get("OCCAMY_SANITIZER", "")
-SCALE = {"asan": 2, "tsan": 4}.get(SANITIZER, 1)
+SCALE = {"asan": 2, "tsan": 4, "valgrind": 10}.get(SANITIZER, 1)
+# A command to run occamyd under, e.g. valgrind (`make valgrind`).
+WRAPPER = os.environ.get("OCCAMY_TEST_WRAPPER", "")
 TEST_TIMEOUT = float(os.environ.get("OCCAMY_TEST_CASE_TIMEOUT", 120)) * SCALE
 
 HEADER_TASK_ID = "task-id"
@@ -303,7 +306,8 @@ class Daemon:
         before = (queue_counts(self.names["request_queue"]) or (0, 0))[1] if wait else 0
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
-                [OCCAMYD, "-f", "-c", self.ini] + self.args, stdin=subprocess.DEVNULL,
+                shlex.split(WRAPPER) + [OCCAMYD, "-f", "-c", self.ini] + self.args,
+                stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir,
                 preexec_fn=_prctl_pdeathsig)
         if wait:

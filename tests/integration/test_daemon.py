@@ -9,16 +9,15 @@ restarts, graceful shutdown, and the metrics endpoint.
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-import uuid
 
 sys.path.insert(0, os.path.dirname(__file__))
 from occamy_test import (Daemon, ReplyQueue, broker_restart, free_port,  # noqa: E402
-                         get_dead_letters, publish_control, publish_request,
+                         get_dead_letters, note, publish_control, publish_request,
                          queue_counts, rpc, run_tests, timeout, wait_until)
 
 
@@ -58,6 +57,30 @@ def count_running(path, kind=None, pid=None):
                 and (pid is None or ev[4] == str(pid)):
             live += 1 if ev[1] == "start" else -1
     return live
+
+
+def promtool():
+    """Path of promtool: on the PATH, or taken out of Debian's prometheus
+    package into the build dir (downloaded, never installed: installing it
+    would start a Prometheus server).  None if neither works."""
+    import shutil
+    found = shutil.which("promtool")
+    cached = os.path.join(os.environ.get("OCCAMY_BUILD", "build"), "tools", "promtool")
+    if found or os.path.exists(cached):
+        return found or cached
+    tmp = tempfile.mkdtemp(prefix="occamy-promtool-")
+    try:
+        subprocess.run(["apt-get", "download", "prometheus"], cwd=tmp, check=True,
+                       capture_output=True, timeout=300)
+        deb = [f for f in os.listdir(tmp) if f.endswith(".deb")][0]
+        subprocess.run(["dpkg-deb", "-x", deb, "x"], cwd=tmp, check=True, timeout=300)
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        shutil.copy(os.path.join(tmp, "x", "usr", "bin", "promtool"), cached)
+        return cached
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def scrape(port):
@@ -281,6 +304,14 @@ def test_metrics_count_a_known_sequence():
         assert v['occamy_tasks_total{group="sleep",status="protected",result="ok"}'] == 2, text
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             assert r.headers["Content-Type"].startswith("text/plain")
+        tool = promtool()
+        if tool:
+            p = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True,
+                               text=True, timeout=60)
+            assert p.returncode == 0, p.stdout + p.stderr
+            note("promtool check metrics: OK")
+        else:
+            note("promtool not available: exposition format not cross-checked")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
             raise AssertionError("expected 404")
