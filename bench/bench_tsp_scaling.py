@@ -159,7 +159,7 @@ def scrape(port):
 
 
 def idle(v):
-    return (v['occamy_slots{status="empty"}'] == v["occamy_slots_total"]
+    return (v['occamy_slots{status="empty"}'] == v["occamy_slots_capacity"]
             and v["occamy_helpers_draining"] == 0 and v["occamy_external_queue_depth"] == 0)
 
 

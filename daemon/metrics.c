@@ -282,8 +282,8 @@ metrics_render(struct metrics *m, FILE *out)
 	HELP("occamy_slots", "gauge", "Slots by status.");
 	for (i = 0; i < SLOT_STATUS_COUNT; i++)
 		fprintf(out, "occamy_slots{status=\"%s\"} %u\n", status_label[i], st.by_status[i]);
-	HELP("occamy_slots_total", "gauge", "Slots configured.");
-	fprintf(out, "occamy_slots_total %u\n", st.slots);
+	HELP("occamy_slots_capacity", "gauge", "Slots configured.");
+	fprintf(out, "occamy_slots_capacity %u\n", st.slots);
 	HELP("occamy_protected_ratio", "gauge",
 	     "Protected slots over total slots: the signal to scale the fleet on.");
 	fprintf(out, "occamy_protected_ratio %.6g\n",

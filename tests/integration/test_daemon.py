@@ -300,7 +300,7 @@ def test_metrics_count_a_known_sequence():
         assert v['occamy_errors_total{kind="make_task"}'] == 1, text
         assert v["occamy_admission_latency_seconds_count"] == 3, text
         assert v['occamy_helpers_started_total{kind="internal"}'] >= 2, text
-        assert v["occamy_slots_total"] == 3 and v["occamy_broker_connected"] == 1, text
+        assert v["occamy_slots_capacity"] == 3 and v["occamy_broker_connected"] == 1, text
         assert v['occamy_tasks_total{group="sleep",status="protected",result="ok"}'] == 2, text
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             assert r.headers["Content-Type"].startswith("text/plain")

@@ -115,7 +115,7 @@ class Pair:
         for st in ("protected", "internal", "external"):
             if v[f'occamy_slots{{status="{st}"}}']:
                 out[st] = v[f'occamy_slots{{status="{st}"}}']
-        if v['occamy_slots{status="empty"}'] != v["occamy_slots_total"]:
+        if v['occamy_slots{status="empty"}'] != v["occamy_slots_capacity"]:
             out["empty"] = v['occamy_slots{status="empty"}']
         for k in ("occamy_helpers_draining", "occamy_external_queue_depth"):
             if v[k]:
