@@ -603,6 +603,33 @@ status_reason(enum occamy_status st)
 	return "unknown_status";
 }
 
+static void
+running_unlink(struct sched *s, struct job *j)
+{
+	if (j->prev)
+		j->prev->next = j->next;
+	else
+		s->running = j->next;
+	if (j->next)
+		j->next->prev = j->prev;
+	j->prev = j->next = NULL;
+}
+
+/* Give up on the admission waiting for slot i: requeue its message; the
+ * task never ran, so it is destroyed (after the lock, through d). */
+static void
+pending_requeue(struct sched *s, unsigned i, const char *reason, struct deferred *d)
+{
+	struct job *p = s->slots[i].pending;
+
+	s->slots[i].pending = NULL;
+	count_settlement(s, SETTLE_REQUEUE);
+	defer_settle(d, p->msg, SETTLE_REQUEUE, reason);
+	defer_destroy(d, p->task);
+	cancel_destroy(&p->cancel);
+	free(p);
+}
+
 /* The worker returned from run(): free the slot (or hand it to a pending
  * admission), end the job's helpers, and decide the settlement. */
 static void
@@ -615,13 +642,7 @@ job_finish(struct sched *s, struct job *j, enum occamy_status st,
 	j->finished = true;
 	*seconds = (double)(t - j->start_ns) / 1e9;
 	s->st.completed++;
-	if (j->prev)
-		j->prev->next = j->next;
-	else
-		s->running = j->next;
-	if (j->next)
-		j->next->prev = j->prev;
-	j->prev = j->next = NULL;
+	running_unlink(s, j);
 
 	if (j->slot >= 0) {
 		struct slot *sl = &s->slots[j->slot];
@@ -713,12 +734,7 @@ worker_make_task(struct sched *s, struct worker *w, struct job *j)
 		s->st.make_task_errors++;
 	}
 	/* Undo the reservation: nothing ran. */
-	if (j->prev)
-		j->prev->next = j->next;
-	else
-		s->running = j->next;
-	if (j->next)
-		j->next->prev = j->prev;
+	running_unlink(s, j);
 	s->slots[j->slot].job = NULL;
 	s->slots[j->slot].status = SLOT_EMPTY;
 	count_settlement(s, o);
@@ -1506,17 +1522,11 @@ check_kill_timeouts(struct sched *s, struct deferred *d)
 				next = sl->pending_deadline_ns;
 			continue;
 		}
-		sl->pending = NULL;
 		s->st.requeued_kill_timeout++;
 		log_warnx("slot %u: %s helper ignored cancellation for %u ms; "
 			  "request requeued, slot stuck until it returns",
 			  i, sl->job ? sl->job->task->group : "?", s->cfg.kill_timeout_ms);
-		count_settlement(s, SETTLE_REQUEUE);
-		defer_settle(d, p->msg, SETTLE_REQUEUE, "kill timeout: no slot freed in time");
-		p->msg = NULL;
-		defer_destroy(d, p->task);
-		cancel_destroy(&p->cancel);
-		free(p);
+		pending_requeue(s, i, "kill timeout: no slot freed in time", d);
 	}
 	/* Wake up again when a cancelled job would turn stuck, for the count. */
 	for (j = s->running; j != NULL; j = j->next)
@@ -1721,17 +1731,9 @@ sched_cancel_requests(struct sched *s)
 	for (j = s->running; j != NULL; j = j->next)
 		if (j->kind == SLOT_PROTECTED)
 			job_cancel(j);
-	for (i = 0; i < s->nslots; i++) {
-		struct job *p = s->slots[i].pending;
-		if (p == NULL)
-			continue;
-		s->slots[i].pending = NULL;
-		count_settlement(s, SETTLE_REQUEUE);
-		defer_settle(&d, p->msg, SETTLE_REQUEUE, "connection lost");
-		defer_destroy(&d, p->task);
-		cancel_destroy(&p->cancel);
-		free(p);
-	}
+	for (i = 0; i < s->nslots; i++)
+		if (s->slots[i].pending != NULL)
+			pending_requeue(s, i, "connection lost", &d);
 	pthread_mutex_unlock(&s->mu);
 	deferred_run(&d);
 }
@@ -1783,19 +1785,9 @@ sched_shutdown(struct sched *s)
 	for (j = s->running; j != NULL; j = j->next)
 		if (j->kind != SLOT_PROTECTED)
 			job_cancel(j);
-	for (i = 0; i < s->nslots; i++) {
-		struct job *p = s->slots[i].pending;
-		if (p == NULL)
-			continue;
-		s->slots[i].pending = NULL;
-		count_settlement(s, SETTLE_REQUEUE);
-		pthread_mutex_unlock(&s->mu);
-		p->msg->ops->settle(p->msg, &(struct settlement){SETTLE_REQUEUE, "shutting down", NULL, 0, NULL});
-		p->task->ops->destroy(p->task);
-		cancel_destroy(&p->cancel);
-		free(p);
-		pthread_mutex_lock(&s->mu);
-	}
+	for (i = 0; i < s->nslots; i++)
+		if (s->slots[i].pending != NULL)
+			pending_requeue(s, i, "shutting down", &d);
 	pthread_mutex_unlock(&s->mu);
 	deferred_run(&d);
 	pthread_mutex_lock(&s->mu);
