@@ -3,15 +3,30 @@
  * connection; every other thread reaches it through a queue and an eventfd.
  *
  * Channels: CH_REQUEST consumes the shared request queue, CH_CONTROL this
- * instance's control queue, CH_PUBLISH sends replies, dead-letter copies
- * and plugin publishes in confirm mode.  A request whose settlement needs a
- * publish (a reply, a dead-letter copy) is acked only once the broker has
+ * instance's control queue, CH_PUBLISH sends replies, dead-letter copies,
+ * requeue and retry copies and plugin publishes in confirm mode.  A request
+ * whose settlement needs a publish is acked only once the broker has
  * confirmed that publish, so a crash in between redelivers the request
- * rather than losing its result.  Plugin publishes are resent after a
- * reconnect until confirmed: at least once.
+ * rather than losing its result.
  *
- * Retry limits: quorum queues count deliveries (x-delivery-count); classic
- * queues do not, so retries are counted here per message fingerprint.
+ * The rule of this file: a fault that belongs to one message is an outcome
+ * for that message, never a lost connection.  Every publish goes through
+ * publish_checked(), which sizes it against the negotiated frame before a
+ * byte is written (rabbitmq-c writes basic.publish before it finds out that
+ * the header frame does not fit, which corrupts the stream); a publish that
+ * cannot be sent is refused with a reason.  Deliveries are assembled from
+ * frames read without blocking, so a peer that stalls in the middle of a
+ * message never stops the loop.  Only socket and protocol failures call
+ * transport_lose().
+ *
+ * Requeues and retries never use basic.reject(requeue): that would count
+ * against a quorum queue's x-delivery-limit and loop at the broker's speed.
+ * A requeue republishes the request (to the tail of its queue) and acks the
+ * original once the copy is confirmed; a retry does the same with the
+ * attempt count in x-occamy-attempts, through a delay queue whose message
+ * TTL dead-letters it back to the request queue.  So the retry limit holds
+ * across the fleet and on every queue type, and x-delivery-limit counts only
+ * deliveries lost with their connection (crashes).
  *
  * Only this file includes <amqp.h>; no rabbitmq-c call touches the
  * connection outside the owner thread.
@@ -50,8 +65,10 @@ enum {
 
 #define HEADERS_MAX 256             /* more: the delivery is refused */
 #define HEADER_VALUE_MAX 65536      /* bytes of one string header */
+#define SHORTSTR_MAX 255            /* AMQP short strings: keys, names */
 #define OUTQ_MAX 10000              /* plugin publishes queued or unconfirmed */
 #define OUTQ_BYTES_MAX (64u << 20)
+#define RESENDS_MAX 3               /* a plugin publish lost this often: dropped */
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 10000
 #define STABLE_MS 5000              /* up this long: backoff starts over */
@@ -61,12 +78,45 @@ enum {
 #define FRAMES_PER_TURN 256
 #define REASON_MAX 256
 #define PASSWORD_MAX 1024
-#define RETRY_SLOTS 1024            /* classic queues: retries remembered */
+/* Asked for at login; the broker's frame_max (RabbitMQ: 128 KiB by
+ * default) caps it. */
+#define FRAME_MAX_WANTED (4u << 20)
+/* RabbitMQ 3.10 may send a header frame a little over the negotiated size
+ * (its own x-delivery-count or x-death added to a full one): accept frames
+ * up to twice the negotiated size, so such a delivery can still be
+ * dead-lettered instead of making the queue unconsumable. */
+#define FRAME_RECV_FACTOR 2
+/* frame header 7, frame end 1, class + weight + body size 12 */
+#define HEADER_FRAME_OVERHEAD 20
+#define FRAME_OVERHEAD 8
+/* RabbitMQ 3.10's default max_message_size. */
+#define BODY_MAX (128u << 20)
+/* What our own headers may add to a copy of a received message. */
+#define COPY_HEADROOM 1024
+/* Idle control queues (their daemon gone) are deleted after this. */
+#define CONTROL_QUEUE_EXPIRES_MS 120000
+#define RETRY_STEPS_MAX 16
+
+#define HEADER_ERROR "x-occamy-error"
+#define HEADER_OUTCOME "x-occamy-handler-outcome"
+#define HEADER_ATTEMPTS "x-occamy-attempts"
+
+/* A message being assembled from its frames (method, header, body), one
+ * per channel: frames of different channels may interleave. */
+struct incoming {
+	enum { IN_IDLE, IN_HEADER, IN_BODY } state;
+	bool is_return;        /* basic.return on CH_PUBLISH */
+	uint64_t tag;          /* basic.deliver */
+	uint16_t return_code;  /* basic.return */
+	char routing_key[SHORTSTR_MAX + 1];
+	amqp_message_t msg;    /* properties in msg.pool, body malloc()ed */
+	size_t body_got;
+};
 
 /* A delivery as the scheduler receives it (base) plus what the transport
- * needs to settle it.  The rabbitmq-c message (properties, headers, body)
- * is taken over from the envelope as is: it is plain memory, and a
- * dead-letter copy needs the original properties. */
+ * needs to settle it.  The message (properties, headers, body) is plain
+ * memory assembled by the owner loop; a copy needs the original
+ * properties. */
 struct delivery {
 	struct message base; /* first */
 	struct transport *t;
@@ -74,7 +124,7 @@ struct delivery {
 	uint64_t generation;
 	uint64_t tag;
 	amqp_channel_t channel;
-	int64_t delivery_count; /* earlier deliveries; -1 while unknown */
+	uint64_t attempts;      /* failed attempts before this delivery */
 	amqp_message_t msg;
 	struct occamy_header *items; /* base.headers; strings in the same block */
 
@@ -82,6 +132,7 @@ struct delivery {
 	enum settle_outcome outcome;
 	const char *handler_outcome; /* for the dead-letter copy */
 	bool is_command;             /* x-occamy-command: answered by the daemon */
+	bool dead_letter_result;     /* the copy carries the result, not the request */
 	char reason[REASON_MAX];
 	void *reply;
 	size_t reply_len;
@@ -98,17 +149,30 @@ struct outgoing {
 	void *body;
 	size_t len;
 	size_t bytes;
+	unsigned sends; /* how often it went out unconfirmed */
 };
 
-enum pending_kind { PENDING_REPLY, PENDING_DEAD_LETTER, PENDING_PUBLISH };
+enum pending_kind {
+	PENDING_REPLY,       /* ack the request when confirmed */
+	PENDING_DEAD_LETTER, /* ack the request when confirmed */
+	PENDING_COPY,        /* a requeue or retry copy: ack the original */
+	PENDING_PUBLISH,     /* a plugin's */
+};
 
 /* A publish on CH_PUBLISH waiting for the broker's basic.ack/nack. */
 struct pending {
 	struct pending *next;
 	uint64_t seq;
 	enum pending_kind kind;
+	bool returned;   /* basic.return came first: unroutable */
 	struct delivery *d;
 	struct outgoing *o;
+};
+
+enum publish_result {
+	PUB_SENT,    /* written; a confirm will follow */
+	PUB_REFUSED, /* this message cannot be sent (why says why) */
+	PUB_LOST,    /* the connection broke */
 };
 
 struct transport {
@@ -125,6 +189,9 @@ struct transport {
 	char *dl_exchange, *dl_queue;
 	char *header_task_id, *header_handler;
 	char connection_name[256];
+	char control_queue[256]; /* stable for the life of the process */
+	unsigned retry_delay_ms[RETRY_STEPS_MAX]; /* step k: the k+1-th retry */
+	unsigned retry_steps;
 	struct sched *sched;
 	struct transport_hooks hooks;
 	int wakefd;
@@ -135,7 +202,9 @@ struct transport {
 	struct outgoing *out, **out_tail;         /* publish() -> owner */
 	size_t out_count, out_bytes;              /* queued or unconfirmed */
 	size_t outstanding;  /* deliveries handed out and not yet settled */
+	unsigned frame_max_shared; /* negotiated, for transport_publish() */
 	bool stop;
+	bool quiesce;        /* cancel the consumers, keep the connection */
 	bool run_returned;   /* settle() frees directly from now on */
 	bool free_requested; /* free when the last outstanding is settled */
 	struct transport_stats stats;
@@ -145,24 +214,23 @@ struct transport {
 	bool connected;
 	bool blocked;        /* connection.blocked: hold publishes */
 	bool stopping;
+	bool consuming;      /* false once quiesced: no basic.consume again */
 	uint64_t stop_deadline_ns;
 	uint64_t generation;
 	uint64_t next_seq;   /* last publish sequence number on CH_PUBLISH */
+	unsigned frame_max;  /* negotiated */
+	void *scratch;       /* frame_max bytes, to size a header frame */
+	struct incoming in[CH_PUBLISH + 1];
 	struct pending *confirms, **confirms_tail;
 	struct delivery *deferred, **deferred_tail; /* need a publish; blocked */
-	char control_queue[256];
 	unsigned heartbeat_ms; /* negotiated */
 	unsigned backoff_ms;
 	unsigned failures;     /* consecutive failed attempts */
 	uint64_t next_attempt_ns;
 	uint64_t connected_since_ns;
 	uint64_t rng;
-	/* Classic queues carry no delivery count: retries of a message are
-	 * counted here by fingerprint (direct-mapped, newest wins). */
-	struct retry_slot {
-		uint64_t fingerprint;
-		uint32_t count;
-	} retries[RETRY_SLOTS];
+	uint64_t event_logged_ns[TRANSPORT_EVENTS_MAX]; /* by stats.events[] */
+	uint64_t event_unlogged[TRANSPORT_EVENTS_MAX];
 };
 
 static void delivery_settle(struct message *m, const struct settlement *s);
@@ -329,6 +397,52 @@ wake(struct transport *t)
 		(t)->stats.field += (n);                                       \
 		pthread_mutex_unlock(&(t)->lock);                              \
 	} while (0)
+
+/* ---- events: requeues, retries, resends -------------------------------- */
+
+/* Count one event of path ("requeue", "retry", "resend") for reason, and
+ * log it at most once a second per path and reason, with the number of
+ * events since the last line: a flood is a count, not a log storm.  Owner
+ * thread. */
+static void
+event_note(struct transport *t, const char *path, const char *what, const char *reason)
+{
+	struct transport_event *e = NULL;
+	uint64_t now = now_ns(), n;
+	unsigned i;
+
+	pthread_mutex_lock(&t->lock);
+	for (i = 0; i < t->stats.nevents; i++) {
+		e = &t->stats.events[i];
+		if (strcmp(e->path, path) == 0 && strncmp(e->reason, reason, sizeof(e->reason) - 1) == 0)
+			break;
+	}
+	if (i == t->stats.nevents) {
+		/* Full: the last entry takes every other reason. */
+		if (i == TRANSPORT_EVENTS_MAX) {
+			i = TRANSPORT_EVENTS_MAX - 1;
+			reason = "other";
+		} else {
+			t->stats.nevents++;
+		}
+		e = &t->stats.events[i];
+		snprintf(e->path, sizeof(e->path), "%s", path);
+		snprintf(e->reason, sizeof(e->reason), "%s", reason);
+	}
+	e->count++;
+	pthread_mutex_unlock(&t->lock);
+
+	n = ++t->event_unlogged[i];
+	if (t->event_logged_ns[i] != 0 && now - t->event_logged_ns[i] < 1000000000u)
+		return;
+	t->event_logged_ns[i] = now;
+	t->event_unlogged[i] = 0;
+	if (n == 1)
+		log_info("%s: %s: %s", path, what, reason);
+	else
+		log_info("%s: %s: %s (%" PRIu64 " times since the last line)", path, what, reason,
+			 n);
+}
 
 /* ---- headers ---------------------------------------------------------- */
 
@@ -524,6 +638,8 @@ delivery_ack(struct transport *t, struct delivery *d)
 	return check_status(t, amqp_basic_ack(t->conn, d->channel, d->tag, 0), "basic.ack");
 }
 
+/* Only for control messages (their own queue) and for the last resort of a
+ * request whose copy the broker refused; never a loop by itself. */
 static void
 delivery_reject(struct transport *t, struct delivery *d, bool requeue)
 {
@@ -550,14 +666,221 @@ confirm_expect(struct transport *t, enum pending_kind kind, struct delivery *d,
 	t->confirms_tail = &p->next;
 }
 
-/* Publish the result to reply_to; the ack waits for the confirm. */
+/* ---- publishing: every publish is sized before a byte is written ------- */
+
+static bool
+table_keys_fit(const amqp_table_t *tbl, char *why, size_t whylen)
+{
+	for (int i = 0; i < tbl->num_entries; i++) {
+		/* rabbitmq-c would cut the length to 8 bits and the broker
+		 * would close the connection (541). */
+		if (tbl->entries[i].key.len > SHORTSTR_MAX) {
+			snprintf(why, whylen, "header key of %zu bytes (at most %d)",
+				 tbl->entries[i].key.len, SHORTSTR_MAX);
+			return false;
+		}
+	}
+	return true;
+}
+
+/* Write basic.publish, its header frame and its body frames, with body
+ * frames cut at the negotiated size (the library would cut them at our
+ * larger receive size). */
+static int
+publish_in_frames(struct transport *t, const char *exchange, amqp_bytes_t rkey,
+		  bool mandatory, const amqp_basic_properties_t *p, amqp_bytes_t body)
+{
+	amqp_basic_publish_t m = {
+		.exchange = amqp_cstring_bytes(exchange),
+		.routing_key = rkey,
+		.mandatory = mandatory,
+	};
+	size_t chunk = t->frame_max - FRAME_OVERHEAD;
+	amqp_frame_t f;
+	int rc;
+
+	rc = amqp_send_method(t->conn, CH_PUBLISH, AMQP_BASIC_PUBLISH_METHOD, &m);
+	if (rc != AMQP_STATUS_OK)
+		return rc;
+	memset(&f, 0, sizeof(f));
+	f.frame_type = AMQP_FRAME_HEADER;
+	f.channel = CH_PUBLISH;
+	f.payload.properties.class_id = AMQP_BASIC_CLASS;
+	f.payload.properties.body_size = body.len;
+	f.payload.properties.decoded = (void *)p;
+	rc = amqp_send_frame(t->conn, &f);
+	for (size_t off = 0; rc == AMQP_STATUS_OK && off < body.len; off += chunk) {
+		f.frame_type = AMQP_FRAME_BODY;
+		f.payload.body_fragment.bytes = (char *)body.bytes + off;
+		f.payload.body_fragment.len = body.len - off < chunk ? body.len - off : chunk;
+		rc = amqp_send_frame(t->conn, &f);
+	}
+	return rc;
+}
+
+/* The one way out.  PUB_REFUSED (and why) for a message that cannot be
+ * sent as it is; nothing was written then. */
+static enum publish_result
+publish_checked(struct transport *t, const char *exchange, amqp_bytes_t rkey, bool mandatory,
+		const amqp_basic_properties_t *p, amqp_bytes_t body, char *why, size_t whylen)
+{
+	int rc;
+
+	if (strlen(exchange) > SHORTSTR_MAX || rkey.len > SHORTSTR_MAX) {
+		snprintf(why, whylen, "exchange or routing key over %d bytes", SHORTSTR_MAX);
+		return PUB_REFUSED;
+	}
+	if (body.len > BODY_MAX) {
+		snprintf(why, whylen, "body of %zu bytes (at most %u)", body.len, BODY_MAX);
+		return PUB_REFUSED;
+	}
+	if ((p->_flags & AMQP_BASIC_HEADERS_FLAG) && !table_keys_fit(&p->headers, why, whylen))
+		return PUB_REFUSED;
+	rc = amqp_encode_properties(AMQP_BASIC_CLASS, (void *)p,
+				    (amqp_bytes_t){t->frame_max - HEADER_FRAME_OVERHEAD, t->scratch});
+	if (rc < 0) {
+		snprintf(why, whylen, "headers do not fit in the %u-byte frame", t->frame_max);
+		return PUB_REFUSED;
+	}
+	if (body.len <= t->frame_max - FRAME_OVERHEAD)
+		rc = amqp_basic_publish(t->conn, CH_PUBLISH, amqp_cstring_bytes(exchange), rkey,
+					mandatory, 0, p, body);
+	else
+		rc = publish_in_frames(t, exchange, rkey, mandatory, p, body);
+	if (!check_status(t, rc, "publishing"))
+		return PUB_LOST;
+	return PUB_SENT;
+}
+
+/* The properties of a copy of d: its own, without the headers that extra
+ * replaces and without x-delivery-count (the copy is a new message), then
+ * extra.  *p points into the returned array (free it) and into d. */
+static amqp_table_entry_t *
+copy_properties(const struct delivery *d, const amqp_table_entry_t *extra, int nextra,
+		amqp_basic_properties_t *p)
+{
+	const amqp_basic_properties_t *orig = &d->msg.properties;
+	const amqp_table_t *h = &orig->headers;
+	int n = (orig->_flags & AMQP_BASIC_HEADERS_FLAG) ? h->num_entries : 0;
+	amqp_table_entry_t *e = xcalloc((size_t)(n + nextra) + 1, sizeof(*e));
+	int k = 0;
+
+	*p = *orig;
+	for (int i = 0; i < n; i++) {
+		bool replaced = h->entries[i].key.len == 16 &&
+				memcmp(h->entries[i].key.bytes, "x-delivery-count", 16) == 0;
+		for (int j = 0; j < nextra && !replaced; j++)
+			replaced = h->entries[i].key.len == extra[j].key.len &&
+				   memcmp(h->entries[i].key.bytes, extra[j].key.bytes,
+					  extra[j].key.len) == 0;
+		if (!replaced)
+			e[k++] = h->entries[i];
+	}
+	for (int j = 0; j < nextra; j++)
+		e[k++] = extra[j];
+	p->headers.entries = e;
+	p->headers.num_entries = k;
+	if (k > 0)
+		p->_flags |= AMQP_BASIC_HEADERS_FLAG;
+	else
+		p->_flags &= ~(amqp_flags_t)AMQP_BASIC_HEADERS_FLAG;
+	/* A user-id not ours would make the broker close the channel. */
+	p->_flags &= ~(amqp_flags_t)AMQP_BASIC_USER_ID_FLAG;
+	return e;
+}
+
+/* Leave out of a copy's headers the original ones that can be large
+ * (strings over 1 KiB, tables, arrays, bytes) or, if all is true, every
+ * original one; the last nours entries are ours and stay.  Returns how many
+ * went. */
+static int
+headers_trim(amqp_basic_properties_t *p, int nours, bool all)
+{
+	amqp_table_entry_t *e = p->headers.entries;
+	int n = p->headers.num_entries, k = 0, dropped = 0;
+
+	for (int i = 0; i < n; i++) {
+		const amqp_field_value_t *v = &e[i].value;
+		bool ours = i >= n - nours;
+		bool large = v->kind == AMQP_FIELD_KIND_TABLE || v->kind == AMQP_FIELD_KIND_ARRAY ||
+			     ((v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES) &&
+			      v->value.bytes.len > 1024);
+		if (!ours && (all || large)) {
+			dropped++;
+			continue;
+		}
+		e[k++] = e[i];
+	}
+	p->headers.num_entries = k;
+	return dropped;
+}
+
+static void retry_or_give_up(struct transport *t, struct delivery *d);
+
+/* Publish a copy of the delivery (or, with dead_letter_result, its result)
+ * to the dead-letter exchange with the reason in its headers; the original
+ * is acked once the copy is confirmed.  A copy that does not fit in a frame
+ * loses its large headers, then all of its own, and says so. */
+static void
+dead_letter_publish(struct transport *t, struct delivery *d)
+{
+	amqp_basic_properties_t p;
+	amqp_table_entry_t extra[2], *e;
+	amqp_bytes_t body = d->msg.body;
+	const char *queue = d->channel == CH_REQUEST ? t->request_queue : t->control_queue;
+	char why[REASON_MAX], reason[REASON_MAX + 64];
+	enum publish_result r;
+	int dropped = 0;
+
+	if (d->dead_letter_result)
+		body = d->reply != NULL ? (amqp_bytes_t){d->reply_len, d->reply} : amqp_empty_bytes;
+	if (d->handler_outcome == NULL)
+		d->handler_outcome = "rejected";
+	extra[0] = entry_string(HEADER_ERROR, d->reason);
+	extra[1] = entry_string(HEADER_OUTCOME, d->handler_outcome);
+	e = copy_properties(d, extra, 2, &p);
+	/* As the broker does when it dead-letters: the copy must not expire. */
+	p._flags &= ~(amqp_flags_t)AMQP_BASIC_EXPIRATION_FLAG;
+	for (int step = 0;; step++) {
+		r = publish_checked(t, t->dl_exchange, amqp_cstring_bytes(queue), false, &p, body,
+				    why, sizeof(why));
+		if (r != PUB_REFUSED || step == 2)
+			break;
+		dropped += headers_trim(&p, 2, step == 1);
+		snprintf(reason, sizeof(reason), "%.150s; %d header%s left out of this copy (%.80s)",
+			 d->reason, dropped, dropped == 1 ? "" : "s", why);
+		p.headers.entries[p.headers.num_entries - 2] = entry_string(HEADER_ERROR, reason);
+	}
+	free(e);
+	switch (r) {
+	case PUB_SENT:
+		log_warnx("%s dead-lettered: %s%s", delivery_what(d), d->reason,
+			  dropped > 0 ? " (copy without its large headers)" : "");
+		confirm_expect(t, PENDING_DEAD_LETTER, d, NULL);
+		return;
+	case PUB_REFUSED:
+		/* Only a result too large for any message gets here; the
+		 * queue's own x-dead-letter-exchange still takes the request. */
+		log_warnx("%s dead-lettered without our reason (%s): %s", delivery_what(d), why,
+			  d->reason);
+		delivery_reject(t, d, false);
+		break;
+	case PUB_LOST:
+		STAT_ADD(t, stale_settlements, 1);
+		break;
+	}
+	delivery_free(d);
+}
+
+/* Publish the result to reply_to (mandatory: an unroutable reply comes
+ * back as basic.return); the ack waits for the confirm. */
 static void
 reply_publish(struct transport *t, struct delivery *d)
 {
 	const amqp_basic_properties_t *orig = &d->msg.properties;
 	amqp_basic_properties_t p;
 	amqp_bytes_t body = {d->reply_len, d->reply};
-	int rc;
+	char why[REASON_MAX];
 
 	memset(&p, 0, sizeof(p));
 	p._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
@@ -572,100 +895,96 @@ reply_publish(struct transport *t, struct delivery *d)
 	}
 	if (body.bytes == NULL)
 		body = amqp_empty_bytes;
-	rc = amqp_basic_publish(t->conn, CH_PUBLISH, amqp_empty_bytes, orig->reply_to,
-				0, 0, &p, body);
-	if (!check_status(t, rc, "publishing a reply")) {
+	switch (publish_checked(t, "", orig->reply_to, true, &p, body, why, sizeof(why))) {
+	case PUB_SENT:
+		confirm_expect(t, PENDING_REPLY, d, NULL);
+		return;
+	case PUB_REFUSED:
+		snprintf(d->reason, sizeof(d->reason), "the reply cannot be sent: %.200s", why);
+		d->handler_outcome = "reply-refused";
+		dead_letter_publish(t, d);
+		return;
+	case PUB_LOST:
 		STAT_ADD(t, stale_settlements, 1);
 		delivery_free(d);
 		return;
 	}
-	confirm_expect(t, PENDING_REPLY, d, NULL);
 }
 
-/* Publish a copy of the delivery to the dead-letter exchange with the reason
- * in its headers; the original is acked once the copy is confirmed. */
+/* Requeue (retry false) or retry a request: publish a copy, then ack the
+ * original when the copy is confirmed.  A retry carries the new attempt
+ * count and goes through the delay queue of its step. */
 static void
-dead_letter_publish(struct transport *t, struct delivery *d)
+copy_publish(struct transport *t, struct delivery *d, bool retry)
 {
-	const amqp_basic_properties_t *orig = &d->msg.properties;
-	amqp_basic_properties_t p = *orig;
-	const amqp_table_t *h = &orig->headers;
-	int n = (orig->_flags & AMQP_BASIC_HEADERS_FLAG) ? h->num_entries : 0;
-	amqp_table_entry_t *e = xcalloc((size_t)n + 2, sizeof(*e));
-	int k = 0, rc;
-	const char *queue = d->channel == CH_REQUEST ? t->request_queue : t->control_queue;
+	amqp_basic_properties_t p;
+	amqp_table_entry_t extra[1], *e;
+	const char *exchange = t->request_exchange;
+	char rkey[300], why[REASON_MAX];
+	enum publish_result r;
+	int nextra = 0;
 
-	for (int i = 0; i < n; i++) {
-		if (bytes_equal(h->entries[i].key, "x-occamy-error") ||
-		    bytes_equal(h->entries[i].key, "x-occamy-handler-outcome"))
-			continue;
-		e[k++] = h->entries[i];
+	snprintf(rkey, sizeof(rkey), "%s", t->request_queue);
+	if (retry) {
+		uint64_t n = d->attempts + 1;
+		extra[nextra++] = entry_int(HEADER_ATTEMPTS, (int64_t)n);
+		if (t->retry_steps > 0) {
+			unsigned k = n - 1 < t->retry_steps ? (unsigned)(n - 1) : t->retry_steps - 1;
+			exchange = "";
+			snprintf(rkey, sizeof(rkey), "%s.retry.%u", t->request_queue,
+				 t->retry_delay_ms[k]);
+		}
 	}
-	e[k++] = entry_string("x-occamy-error", d->reason);
-	e[k++] = entry_string("x-occamy-handler-outcome", d->handler_outcome);
-	p.headers.entries = e;
-	p.headers.num_entries = k;
-	p._flags |= AMQP_BASIC_HEADERS_FLAG;
-	/* As the broker does when it dead-letters: the copy must not expire;
-	 * and a user-id not ours would make the broker close the channel. */
-	p._flags &= ~(amqp_flags_t)(AMQP_BASIC_EXPIRATION_FLAG | AMQP_BASIC_USER_ID_FLAG);
-
-	rc = amqp_basic_publish(t->conn, CH_PUBLISH, amqp_cstring_bytes(t->dl_exchange),
-				amqp_cstring_bytes(queue), 0, 0, &p, d->msg.body);
+	e = copy_properties(d, extra, nextra, &p);
+	r = publish_checked(t, exchange, amqp_cstring_bytes(rkey), false, &p, d->msg.body, why,
+			    sizeof(why));
 	free(e);
-	if (!check_status(t, rc, "publishing a dead letter")) {
+	switch (r) {
+	case PUB_SENT:
+		event_note(t, retry ? "retry" : "requeue", delivery_what(d), d->reason);
+		confirm_expect(t, PENDING_COPY, d, NULL);
+		return;
+	case PUB_REFUSED:
+		/* delivery_accept() lets in only what a copy can carry. */
+		snprintf(d->reason, sizeof(d->reason), "cannot be requeued: %.200s", why);
+		d->handler_outcome = "refused";
+		dead_letter_publish(t, d);
+		return;
+	case PUB_LOST:
 		STAT_ADD(t, stale_settlements, 1);
 		delivery_free(d);
 		return;
 	}
-	confirm_expect(t, PENDING_DEAD_LETTER, d, NULL);
 }
 
-/* FNV-1a over what identifies a message well enough. */
-static uint64_t
-fingerprint_add(uint64_t h, amqp_bytes_t b)
+/* An internal error (or a refused reply): retry while attempts are left,
+ * else dead-letter. */
+static void
+retry_or_give_up(struct transport *t, struct delivery *d)
 {
-	const unsigned char *p = b.bytes;
+	if (t->delivery_limit > 0 && d->attempts + 1 >= t->delivery_limit) {
+		char reason[REASON_MAX];
 
-	for (size_t i = 0; i < b.len; i++)
-		h = (h ^ p[i]) * 0x100000001b3u;
-	return (h ^ 0xff) * 0x100000001b3u;
-}
-
-/* How many times a message on a classic queue has been retried here,
- * including this time. */
-static uint32_t
-retry_count_bump(struct transport *t, const struct delivery *d)
-{
-	const amqp_basic_properties_t *p = &d->msg.properties;
-	uint64_t h = 0xcbf29ce484222325u;
-	struct retry_slot *slot;
-
-	if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
-		h = fingerprint_add(h, p->message_id);
-	if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG)
-		h = fingerprint_add(h, p->correlation_id);
-	h = fingerprint_add(h, d->msg.body);
-	slot = &t->retries[h % RETRY_SLOTS];
-	if (slot->fingerprint != h) {
-		slot->fingerprint = h;
-		slot->count = 0;
+		snprintf(reason, sizeof(reason), "%.200s (attempt %" PRIu64 " of %u)", d->reason,
+			 d->attempts + 1, t->delivery_limit);
+		memcpy(d->reason, reason, sizeof(d->reason));
+		d->handler_outcome = "retries-exhausted";
+		dead_letter_publish(t, d);
+		return;
 	}
-	return ++slot->count;
+	copy_publish(t, d, true);
 }
 
 static bool
-settlement_needs_publish(const struct transport *t, const struct delivery *d)
+settlement_needs_publish(const struct delivery *d)
 {
 	switch (d->outcome) {
 	case SETTLE_ACK:
 		return (d->channel == CH_REQUEST || d->is_command) &&
 		       delivery_has(d, AMQP_BASIC_REPLY_TO_FLAG, d->msg.properties.reply_to);
 	case SETTLE_REQUEUE:
-		return false;
+		return d->channel == CH_REQUEST;
 	case SETTLE_RETRY:
-		return t->delivery_limit > 0 && d->delivery_count >= 0 &&
-		       (uint64_t)d->delivery_count >= t->delivery_limit;
 	case SETTLE_DEAD_LETTER:
 		return true;
 	}
@@ -683,12 +1002,7 @@ settlement_perform(struct transport *t, struct delivery *d)
 		delivery_free(d);
 		return;
 	}
-	if (d->outcome == SETTLE_RETRY && d->delivery_count < 0 && d->channel == CH_REQUEST &&
-	    t->delivery_limit > 0) {
-		/* Deliveries so far, as x-delivery-count would say. */
-		d->delivery_count = retry_count_bump(t, d) - 1;
-	}
-	if (t->blocked && settlement_needs_publish(t, d)) {
+	if (t->blocked && settlement_needs_publish(d)) {
 		d->next = NULL;
 		*t->deferred_tail = d;
 		t->deferred_tail = &d->next;
@@ -697,7 +1011,7 @@ settlement_perform(struct transport *t, struct delivery *d)
 
 	switch (d->outcome) {
 	case SETTLE_ACK:
-		if (settlement_needs_publish(t, d)) {
+		if (settlement_needs_publish(d)) {
 			reply_publish(t, d);
 			return;
 		}
@@ -705,24 +1019,22 @@ settlement_perform(struct transport *t, struct delivery *d)
 			STAT_ADD(t, acks, 1);
 		break;
 	case SETTLE_REQUEUE:
-		log_info("%s requeued: %s", delivery_what(d), d->reason);
+		if (d->channel == CH_REQUEST) {
+			copy_publish(t, d, false);
+			return;
+		}
+		/* A control message goes back to this daemon's own queue. */
+		event_note(t, "requeue", delivery_what(d), d->reason);
 		delivery_reject(t, d, true);
 		break;
 	case SETTLE_RETRY:
-		if (settlement_needs_publish(t, d)) {
-			log_warnx("%s dead-lettered after %" PRId64 " deliveries: %s",
-				  delivery_what(d), d->delivery_count + 1, d->reason);
-			d->handler_outcome = "retries-exhausted";
-			dead_letter_publish(t, d);
+		if (d->channel == CH_REQUEST) {
+			retry_or_give_up(t, d);
 			return;
 		}
-		log_info("%s requeued for retry: %s", delivery_what(d), d->reason);
-		delivery_reject(t, d, true);
-		break;
+		dead_letter_publish(t, d);
+		return;
 	case SETTLE_DEAD_LETTER:
-		log_warnx("%s dead-lettered: %s", delivery_what(d), d->reason);
-		if (d->handler_outcome == NULL)
-			d->handler_outcome = "rejected";
 		dead_letter_publish(t, d);
 		return;
 	}
@@ -736,20 +1048,35 @@ confirm_resolve(struct transport *t, struct pending *p, bool ok)
 	struct delivery *d = p->d;
 	struct outgoing *o = p->o;
 	enum pending_kind kind = p->kind;
+	bool returned = p->returned;
 
 	free(p);
 	switch (kind) {
 	case PENDING_REPLY:
-		if (ok) {
+		if (ok && !returned) {
 			STAT_ADD(t, replies, 1);
 			if (delivery_ack(t, d))
 				STAT_ADD(t, acks, 1);
-		} else {
-			log_warnx("the broker refused the reply to a request; requeueing it");
-			delivery_reject(t, d, true);
+			break;
 		}
-		delivery_free(d);
-		break;
+		if (ok) {
+			/* Confirmed but routed nowhere: keep the result. */
+			STAT_ADD(t, replies_unroutable, 1);
+			snprintf(d->reason, sizeof(d->reason), "reply_to unroutable: %.*s",
+				 (int)d->msg.properties.reply_to.len,
+				 (const char *)d->msg.properties.reply_to.bytes);
+			d->handler_outcome = "reply-unroutable";
+		} else {
+			STAT_ADD(t, replies_refused, 1);
+			snprintf(d->reason, sizeof(d->reason), "reply refused by the broker");
+			d->handler_outcome = "reply-refused";
+		}
+		d->dead_letter_result = true;
+		if (ok)
+			dead_letter_publish(t, d);
+		else
+			retry_or_give_up(t, d);
+		return;
 	case PENDING_DEAD_LETTER:
 		if (ok) {
 			if (delivery_ack(t, d))
@@ -760,7 +1087,22 @@ confirm_resolve(struct transport *t, struct pending *p, bool ok)
 			log_warnx("the broker refused a dead-letter copy; rejecting the original");
 			delivery_reject(t, d, false);
 		}
-		delivery_free(d);
+		break;
+	case PENDING_COPY:
+		if (ok) {
+			if (delivery_ack(t, d)) {
+				if (d->outcome == SETTLE_REQUEUE)
+					STAT_ADD(t, requeues, 1);
+				else
+					STAT_ADD(t, retries, 1);
+			}
+		} else {
+			/* The request queue refused the copy (full, or a
+			 * leader election): let the broker keep the original.
+			 * It comes back once, to this or another daemon. */
+			event_note(t, "requeue", "request", "copy refused by the broker");
+			delivery_reject(t, d, true);
+		}
 		break;
 	case PENDING_PUBLISH:
 		pthread_mutex_lock(&t->lock);
@@ -775,8 +1117,9 @@ confirm_resolve(struct transport *t, struct pending *p, bool ok)
 			log_warnx("the broker refused a %s publish",
 				  o->kind == PUBLISH_REQUEST ? "request" : "control");
 		outgoing_free(o);
-		break;
+		return;
 	}
+	delivery_free(d);
 }
 
 /* basic.ack / basic.nack on CH_PUBLISH.  Tags arrive in order; resolving may
@@ -807,6 +1150,36 @@ confirm_received(struct transport *t, uint64_t tag, bool multiple, bool ok)
 	log_debug("confirm for unknown publish %" PRIu64, tag);
 }
 
+/* basic.return of a reply: it precedes the confirm of that publish.  Only
+ * replies are mandatory; the first unresolved one to the same queue with
+ * the same correlation id is the one (two such in flight are alike). */
+static void
+return_received(struct transport *t, const struct incoming *in)
+{
+	const amqp_basic_properties_t *rp = &in->msg.properties;
+	amqp_bytes_t cid = (rp->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) ? rp->correlation_id
+									 : amqp_empty_bytes;
+
+	for (struct pending *p = t->confirms; p != NULL; p = p->next) {
+		const amqp_basic_properties_t *op;
+		amqp_bytes_t ocid;
+
+		if (p->kind != PENDING_REPLY || p->returned)
+			continue;
+		op = &p->d->msg.properties;
+		ocid = (op->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) ? op->correlation_id
+								    : amqp_empty_bytes;
+		if (!bytes_equal(op->reply_to, in->routing_key) || ocid.len != cid.len ||
+		    (cid.len > 0 && memcmp(ocid.bytes, cid.bytes, cid.len) != 0))
+			continue;
+		log_warnx("reply to %s returned by the broker (%u): the result goes to the "
+			  "dead-letter queue", in->routing_key, in->return_code);
+		p->returned = true;
+		return;
+	}
+	log_debug("basic.return for no reply of ours (routing key %s)", in->routing_key);
+}
+
 /* ---- plugin publishes ------------------------------------------------- */
 
 static void
@@ -821,33 +1194,36 @@ outgoing_free(struct outgoing *o)
 	free(o);
 }
 
-static int
-outgoing_publish(struct transport *t, struct outgoing *o)
+/* Where a plugin publish goes, and the header that carries its name. */
+static const char *
+outgoing_route(const struct transport *t, const struct outgoing *o, const char **rkey)
+{
+	*rkey = "";
+	switch (o->kind) {
+	case PUBLISH_REQUEST:
+		*rkey = t->request_queue;
+		return t->header_handler;
+	case PUBLISH_CONTROL:
+		return t->header_task_id;
+	case PUBLISH_HELP:
+	default:
+		return t->header_handler;
+	}
+}
+
+static enum publish_result
+outgoing_publish(struct transport *t, struct outgoing *o, char *why, size_t whylen)
 {
 	amqp_table_entry_t *e = xcalloc(o->nheaders + 2, sizeof(*e));
 	amqp_basic_properties_t p;
-	const char *exchange, *rkey = "", *own_key = NULL;
-	int n = 0, rc;
+	const char *exchange, *rkey, *own_key;
+	enum publish_result r;
+	int n = 0;
 
-	switch (o->kind) {
-	case PUBLISH_REQUEST:
-		exchange = t->request_exchange;
-		rkey = t->request_queue;
-		if (o->name != NULL)
-			own_key = t->header_handler;
-		break;
-	case PUBLISH_CONTROL:
-		exchange = t->control_exchange;
-		if (o->name != NULL)
-			own_key = t->header_task_id;
-		break;
-	case PUBLISH_HELP:
-	default:
-		exchange = t->control_exchange;
-		if (o->name != NULL)
-			own_key = t->header_handler;
-		break;
-	}
+	own_key = outgoing_route(t, o, &rkey);
+	exchange = o->kind == PUBLISH_REQUEST ? t->request_exchange : t->control_exchange;
+	if (o->name == NULL)
+		own_key = NULL;
 	if (own_key != NULL)
 		e[n++] = entry_string(own_key, o->name);
 	for (size_t i = 0; i < o->nheaders; i++) {
@@ -868,14 +1244,14 @@ outgoing_publish(struct transport *t, struct outgoing *o)
 		p.headers.entries = e;
 		p.headers.num_entries = n;
 	}
-	rc = amqp_basic_publish(t->conn, CH_PUBLISH, amqp_cstring_bytes(exchange),
-				amqp_cstring_bytes(rkey), 0, 0, &p,
-				(amqp_bytes_t){o->len, o->body});
+	r = publish_checked(t, exchange, amqp_cstring_bytes(rkey), false, &p,
+			    (amqp_bytes_t){o->len, o->body}, why, whylen);
 	free(e);
-	if (!check_status(t, rc, "publishing"))
-		return -1;
-	confirm_expect(t, PENDING_PUBLISH, NULL, o);
-	return 0;
+	if (r == PUB_SENT) {
+		o->sends++;
+		confirm_expect(t, PENDING_PUBLISH, NULL, o);
+	}
+	return r;
 }
 
 /* Put unsent or unconfirmed publishes back at the head of the queue, in
@@ -893,10 +1269,24 @@ outgoing_requeue(struct transport *t, struct outgoing *first, struct outgoing **
 	pthread_mutex_unlock(&t->lock);
 }
 
+/* Forget a publish that will not be sent. */
+static void
+outgoing_drop(struct transport *t, struct outgoing *o, const char *path, const char *reason)
+{
+	pthread_mutex_lock(&t->lock);
+	t->out_count--;
+	t->out_bytes -= o->bytes;
+	t->stats.publish_failures++;
+	pthread_mutex_unlock(&t->lock);
+	event_note(t, path, "plugin publish dropped", reason);
+	outgoing_free(o);
+}
+
 static void
 outgoing_flush(struct transport *t)
 {
 	struct outgoing *list, *o;
+	char why[REASON_MAX];
 
 	if (!t->connected || t->blocked)
 		return;
@@ -910,8 +1300,17 @@ outgoing_flush(struct transport *t)
 		struct outgoing **tail;
 		list = o->next;
 		o->next = NULL;
-		if (outgoing_publish(t, o) == 0)
+		switch (outgoing_publish(t, o, why, sizeof(why))) {
+		case PUB_SENT:
 			continue;
+		case PUB_REFUSED:
+			/* transport_publish() checked it against the frame
+			 * size of its time; the broker may offer less now. */
+			outgoing_drop(t, o, "drop", why);
+			continue;
+		case PUB_LOST:
+			break;
+		}
 		/* The connection is gone: o and the rest wait for the next. */
 		o->next = list;
 		for (tail = &o->next; *tail != NULL; tail = &(*tail)->next)
@@ -956,7 +1355,12 @@ connection_drop(struct transport *t, bool clean)
 		if (p->d != NULL) {
 			delivery_free(p->d);
 			stale++;
+		} else if (p->o->sends >= RESENDS_MAX) {
+			/* Lost with its connection every time: it may be
+			 * what breaks it.  At least once, not for ever. */
+			outgoing_drop(t, p->o, "resend", "unconfirmed after 3 sends");
 		} else {
+			event_note(t, "resend", "plugin publish", "connection lost before its confirm");
 			*back_tail = p->o;
 			back_tail = &p->o->next;
 			p->o->next = NULL;
@@ -965,6 +1369,11 @@ connection_drop(struct transport *t, bool clean)
 	}
 	t->confirms_tail = &t->confirms;
 	outgoing_requeue(t, back, back_tail);
+	for (unsigned ch = 0; ch <= CH_PUBLISH; ch++) {
+		if (t->in[ch].state != IN_IDLE)
+			amqp_destroy_message(&t->in[ch].msg);
+		memset(&t->in[ch], 0, sizeof(t->in[ch]));
+	}
 	while ((d = t->deferred) != NULL) {
 		t->deferred = d->next;
 		delivery_free(d);
@@ -1041,10 +1450,9 @@ static int
 topology_declare(struct transport *t, char *why, size_t whylen, bool *clean)
 {
 	amqp_connection_state_t c = t->conn;
-	amqp_table_entry_t qargs[3], cargs[1], dargs[1];
-	amqp_table_t qt = {0, qargs}, ct = {1, cargs}, dt = {1, dargs};
+	amqp_table_entry_t qargs[3], cargs[2], dargs[1];
+	amqp_table_t qt = {0, qargs}, ct = {2, cargs}, dt = {1, dargs};
 	const char *qtype = t->quorum ? "quorum" : "classic";
-	amqp_queue_declare_ok_t *ok;
 	char what[400];
 
 	/* Dead letters: a fanout, so copies with any routing key (ours carry
@@ -1074,6 +1482,9 @@ topology_declare(struct transport *t, char *why, size_t whylen, bool *clean)
 		return -1;
 	qargs[qt.num_entries++] = entry_string("x-queue-type", qtype);
 	qargs[qt.num_entries++] = entry_string("x-dead-letter-exchange", t->dl_exchange);
+	/* Our own requeues and retries are new copies, so on a quorum queue
+	 * this counts only deliveries lost with their connection: a guard
+	 * against a request that crashes every daemon it reaches. */
 	if (t->quorum && t->delivery_limit > 0)
 		qargs[qt.num_entries++] = entry_int("x-delivery-limit", t->delivery_limit);
 	snprintf(what, sizeof(what), "declaring queue '%s'", t->request_queue);
@@ -1087,19 +1498,47 @@ topology_declare(struct transport *t, char *why, size_t whylen, bool *clean)
 	if (!rpc_ok(t, what, why, whylen, clean))
 		return -1;
 
-	/* Control: a fanout into one private queue per instance, named by
-	 * the broker so that instances never collide. */
+	/* Retries wait in a delay queue per step: no consumer, a message TTL,
+	 * and dead-lettering back to the request queue. */
+	for (unsigned k = 0; k < t->retry_steps; k++) {
+		amqp_table_entry_t rargs[6];
+		amqp_table_t rt = {0, rargs};
+		char name[300];
+
+		snprintf(name, sizeof(name), "%s.retry.%u", t->request_queue, t->retry_delay_ms[k]);
+		rargs[rt.num_entries++] = entry_string("x-queue-type", qtype);
+		rargs[rt.num_entries++] = entry_int("x-message-ttl", t->retry_delay_ms[k]);
+		rargs[rt.num_entries++] = entry_string("x-dead-letter-exchange", t->request_exchange);
+		rargs[rt.num_entries++] =
+			entry_string("x-dead-letter-routing-key", t->request_queue);
+		if (t->quorum) {
+			/* A quorum queue dead-letters at most once unless
+			 * told otherwise: a retry must not get lost. */
+			rargs[rt.num_entries++] =
+				entry_string("x-dead-letter-strategy", "at-least-once");
+			rargs[rt.num_entries++] = entry_string("x-overflow", "reject-publish");
+		}
+		snprintf(what, sizeof(what), "declaring queue '%s'", name);
+		amqp_queue_declare(c, CH_PUBLISH, amqp_cstring_bytes(name), 0, 1, 0, 0, rt);
+		if (!rpc_ok(t, what, why, whylen, clean))
+			return -1;
+	}
+
+	/* Control: a fanout into one queue per instance.  Not exclusive and
+	 * not auto-delete, so that it and its binding outlive a reconnect
+	 * and nothing published meanwhile is lost; x-expires removes the
+	 * queue of a daemon that is gone. */
 	snprintf(what, sizeof(what), "declaring exchange '%s'", t->control_exchange);
 	amqp_exchange_declare(c, CH_PUBLISH, amqp_cstring_bytes(t->control_exchange),
 			      amqp_cstring_bytes("fanout"), 0, 1, 0, 0, amqp_empty_table);
 	if (!rpc_ok(t, what, why, whylen, clean))
 		return -1;
 	cargs[0] = entry_string("x-dead-letter-exchange", t->dl_exchange);
-	ok = amqp_queue_declare(c, CH_PUBLISH, amqp_empty_bytes, 0, 0, 1, 1, ct);
-	if (!rpc_ok(t, "declaring the control queue", why, whylen, clean))
+	cargs[1] = entry_int("x-expires", CONTROL_QUEUE_EXPIRES_MS);
+	snprintf(what, sizeof(what), "declaring queue '%s'", t->control_queue);
+	amqp_queue_declare(c, CH_PUBLISH, amqp_cstring_bytes(t->control_queue), 0, 0, 0, 0, ct);
+	if (!rpc_ok(t, what, why, whylen, clean))
 		return -1;
-	snprintf(t->control_queue, sizeof(t->control_queue), "%.*s", (int)ok->queue.len,
-		 (const char *)ok->queue.bytes);
 	snprintf(what, sizeof(what), "binding queue '%s'", t->control_queue);
 	amqp_queue_bind(c, CH_PUBLISH, amqp_cstring_bytes(t->control_queue),
 			amqp_cstring_bytes(t->control_exchange), amqp_empty_bytes,
@@ -1136,7 +1575,7 @@ login(struct transport *t, char *why, size_t whylen, bool *clean)
 	props[3].value.kind = AMQP_FIELD_KIND_TABLE;
 	props[3].value.value.table = (amqp_table_t){4, caps};
 
-	r = amqp_login_with_properties(t->conn, t->ci.vhost, 0, AMQP_DEFAULT_FRAME_SIZE,
+	r = amqp_login_with_properties(t->conn, t->ci.vhost, 0, FRAME_MAX_WANTED,
 				       (int)t->heartbeat_s, &props_table,
 				       AMQP_SASL_METHOD_PLAIN, t->ci.user, pass);
 	if (pass == password)
@@ -1198,6 +1637,21 @@ connection_open(struct transport *t, char *why, size_t whylen, bool *clean)
 	if (login(t, why, whylen, clean) < 0)
 		return -1;
 	*clean = true;
+	/* What we send stays within the negotiated frame (publish_checked);
+	 * what we accept may be larger (FRAME_RECV_FACTOR). */
+	t->frame_max = (unsigned)amqp_get_frame_max(t->conn);
+	free(t->scratch);
+	t->scratch = xmalloc(t->frame_max);
+	rc = amqp_tune_connection(t->conn, amqp_get_channel_max(t->conn),
+				  (int)(t->frame_max * FRAME_RECV_FACTOR), amqp_get_heartbeat(t->conn));
+	if (rc != AMQP_STATUS_OK) {
+		snprintf(why, whylen, "raising the receive frame size: %s", amqp_error_string2(rc));
+		return -1;
+	}
+	pthread_mutex_lock(&t->lock);
+	t->frame_max_shared = t->frame_max;
+	t->stats.frame_max = t->frame_max;
+	pthread_mutex_unlock(&t->lock);
 
 	for (amqp_channel_t ch = CH_REQUEST; ch <= CH_PUBLISH; ch++) {
 		amqp_channel_open(t->conn, ch);
@@ -1215,12 +1669,14 @@ connection_open(struct transport *t, char *why, size_t whylen, bool *clean)
 	amqp_basic_qos(t->conn, CH_REQUEST, 0, (uint16_t)t->prefetch, 0);
 	if (!rpc_ok(t, "basic.qos", why, whylen, clean))
 		return -1;
+	if (!t->consuming)
+		return 0; /* quiesced: connected only to settle and publish */
 	amqp_basic_consume(t->conn, CH_REQUEST, amqp_cstring_bytes(t->request_queue),
 			   amqp_cstring_bytes("occamyd-requests"), 0, 0, 0, amqp_empty_table);
 	if (!rpc_ok(t, "consuming the request queue", why, whylen, clean))
 		return -1;
 	amqp_basic_consume(t->conn, CH_CONTROL, amqp_cstring_bytes(t->control_queue),
-			   amqp_cstring_bytes("occamyd-control"), 0, 0, 1, amqp_empty_table);
+			   amqp_cstring_bytes("occamyd-control"), 0, 0, 0, amqp_empty_table);
 	if (!rpc_ok(t, "consuming the control queue", why, whylen, clean))
 		return -1;
 	return 0;
@@ -1277,41 +1733,65 @@ connection_attempt(struct transport *t)
 
 /* ---- incoming --------------------------------------------------------- */
 
+/* Could a copy of these properties, with our headers added, still be sent?
+ * A cheap bound first: most messages are far from the frame size. */
+static bool
+properties_copyable(struct transport *t, const amqp_basic_properties_t *p)
+{
+	size_t bound = 64 + 9 * 256;
+	const amqp_table_t *h = &p->headers;
+	int rc;
+
+	if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
+		for (int i = 0; i < h->num_entries; i++) {
+			const amqp_field_value_t *v = &h->entries[i].value;
+			bound += 16 + h->entries[i].key.len;
+			if (v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES)
+				bound += v->value.bytes.len;
+			else if (v->kind == AMQP_FIELD_KIND_TABLE || v->kind == AMQP_FIELD_KIND_ARRAY)
+				bound += t->frame_max; /* unknown: encode to see */
+		}
+	}
+	if (bound + COPY_HEADROOM + HEADER_FRAME_OVERHEAD <= t->frame_max)
+		return true;
+	rc = amqp_encode_properties(AMQP_BASIC_CLASS, (void *)p,
+				    (amqp_bytes_t){t->frame_max - HEADER_FRAME_OVERHEAD, t->scratch});
+	return rc >= 0 && (size_t)rc + COPY_HEADROOM + HEADER_FRAME_OVERHEAD <= t->frame_max;
+}
+
 static void
-delivery_accept(struct transport *t, amqp_envelope_t *env)
+delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, amqp_message_t *msg)
 {
 	struct delivery *d = xcalloc(1, sizeof(*d));
 	char why[REASON_MAX];
-	const struct occamy_header *dc, *cmd;
+	const struct occamy_header *h, *cmd;
 
 	d->t = t;
 	d->generation = t->generation;
-	d->tag = env->delivery_tag;
-	d->channel = env->channel;
-	d->delivery_count = -1;
-	d->msg = env->message; /* take it over */
-	memset(&env->message, 0, sizeof(env->message));
-	amqp_destroy_envelope(env);
+	d->tag = tag;
+	d->channel = channel;
+	d->msg = *msg; /* take it over */
+	memset(msg, 0, sizeof(*msg));
 
 	d->base.ops = &delivery_ops;
 	d->base.body = d->msg.body.bytes;
 	d->base.len = d->msg.body.len;
 	d->base.arrival_ns = now_ns();
 
-	if (d->channel != CH_REQUEST && d->channel != CH_CONTROL) {
-		log_warnx("delivery on unexpected channel %u; requeueing it", d->channel);
-		delivery_reject(t, d, true);
-		delivery_free(d);
-		return;
-	}
 	if (d->channel == CH_REQUEST)
 		STAT_ADD(t, deliveries, 1);
 	else
 		STAT_ADD(t, control_deliveries, 1);
 
-	if (t->stopping) {
-		delivery_reject(t, d, true);
-		delivery_free(d);
+	if (!properties_copyable(t, &d->msg.properties)) {
+		/* Every outcome but an ack needs a copy: refuse it now,
+		 * while a trimmed dead-letter copy can still say why. */
+		d->outcome = SETTLE_DEAD_LETTER;
+		d->handler_outcome = "refused";
+		snprintf(d->reason, sizeof(d->reason),
+			 "headers too large: a copy would not fit in the %u-byte frame",
+			 t->frame_max);
+		settlement_perform(t, d);
 		return;
 	}
 	if (headers_convert(d, why, sizeof(why)) < 0) {
@@ -1334,10 +1814,10 @@ delivery_accept(struct transport *t, amqp_envelope_t *env)
 		settlement_perform(t, d);
 		return;
 	}
-	if (t->quorum && d->channel == CH_REQUEST) {
-		dc = occamy_headers_find(&d->base.headers, "x-delivery-count");
-		d->delivery_count = dc != NULL && dc->kind == OCCAMY_VALUE_INT ? dc->i : 0;
-	}
+	if (d->channel == CH_REQUEST &&
+	    (h = occamy_headers_find(&d->base.headers, HEADER_ATTEMPTS)) != NULL &&
+	    h->kind == OCCAMY_VALUE_INT && h->i > 0)
+		d->attempts = (uint64_t)h->i;
 
 	pthread_mutex_lock(&t->lock);
 	t->outstanding++;
@@ -1348,61 +1828,110 @@ delivery_accept(struct transport *t, amqp_envelope_t *env)
 		sched_submit_control(t->sched, &d->base);
 }
 
-/* A method frame that is not a delivery. */
 static void
-frame_handle(struct transport *t)
+bytes_clone(amqp_pool_t *pool, amqp_bytes_t *b)
 {
-	amqp_frame_t f;
-	int rc = amqp_simple_wait_frame(t->conn, &f);
+	amqp_bytes_t src = *b;
 
-	if (!check_status(t, rc, "reading a frame"))
-		return;
-	if (f.frame_type != AMQP_FRAME_METHOD) {
-		log_debug("ignoring a frame of type %u on channel %u", f.frame_type, f.channel);
+	if (src.len == 0) {
+		*b = amqp_empty_bytes;
 		return;
 	}
-	switch (f.payload.method.id) {
+	amqp_pool_alloc_bytes(pool, src.len, b);
+	if (b->bytes == NULL)
+		fatalx("out of memory");
+	memcpy(b->bytes, src.bytes, src.len);
+}
+
+/* Frames live in the library's channel pools until the next release: what
+ * a message keeps is copied into its own pool at once. */
+static void
+properties_clone(const amqp_basic_properties_t *src, amqp_message_t *m)
+{
+	amqp_basic_properties_t *p = &m->properties;
+	amqp_flags_t f = src->_flags;
+
+	memset(p, 0, sizeof(*p));
+	p->_flags = f;
+	p->delivery_mode = src->delivery_mode;
+	p->priority = src->priority;
+	p->timestamp = src->timestamp;
+#define CLONE(field, flag)                                                     \
+	if (f & (flag)) {                                                      \
+		p->field = src->field;                                         \
+		bytes_clone(&m->pool, &p->field);                              \
+	}
+	CLONE(content_type, AMQP_BASIC_CONTENT_TYPE_FLAG);
+	CLONE(content_encoding, AMQP_BASIC_CONTENT_ENCODING_FLAG);
+	CLONE(correlation_id, AMQP_BASIC_CORRELATION_ID_FLAG);
+	CLONE(reply_to, AMQP_BASIC_REPLY_TO_FLAG);
+	CLONE(expiration, AMQP_BASIC_EXPIRATION_FLAG);
+	CLONE(message_id, AMQP_BASIC_MESSAGE_ID_FLAG);
+	CLONE(type, AMQP_BASIC_TYPE_FLAG);
+	CLONE(user_id, AMQP_BASIC_USER_ID_FLAG);
+	CLONE(app_id, AMQP_BASIC_APP_ID_FLAG);
+	CLONE(cluster_id, AMQP_BASIC_CLUSTER_ID_FLAG);
+#undef CLONE
+	if ((f & AMQP_BASIC_HEADERS_FLAG) &&
+	    amqp_table_clone(&src->headers, &p->headers, &m->pool) != AMQP_STATUS_OK)
+		fatalx("out of memory");
+}
+
+/* The last frame of a message on channel ch is in. */
+static void
+incoming_complete(struct transport *t, amqp_channel_t ch)
+{
+	struct incoming *in = &t->in[ch];
+	amqp_message_t msg = in->msg;
+
+	memset(&in->msg, 0, sizeof(in->msg));
+	in->state = IN_IDLE;
+	if (in->is_return) {
+		in->msg = msg;
+		return_received(t, in);
+		amqp_destroy_message(&in->msg);
+		memset(in, 0, sizeof(*in));
+		return;
+	}
+	delivery_accept(t, ch, in->tag, &msg);
+}
+
+/* A method frame that is not basic.deliver or basic.return. */
+static void
+method_handle(struct transport *t, const amqp_frame_t *f)
+{
+	switch (f->payload.method.id) {
 	case AMQP_BASIC_ACK_METHOD: {
-		const amqp_basic_ack_t *a = f.payload.method.decoded;
-		if (f.channel == CH_PUBLISH)
+		const amqp_basic_ack_t *a = f->payload.method.decoded;
+		if (f->channel == CH_PUBLISH)
 			confirm_received(t, a->delivery_tag, a->multiple, true);
 		break;
 	}
 	case AMQP_BASIC_NACK_METHOD: {
-		const amqp_basic_nack_t *n = f.payload.method.decoded;
-		if (f.channel == CH_PUBLISH)
+		const amqp_basic_nack_t *n = f->payload.method.decoded;
+		if (f->channel == CH_PUBLISH)
 			confirm_received(t, n->delivery_tag, n->multiple, false);
 		break;
 	}
-	case AMQP_BASIC_RETURN_METHOD: {
-		/* We never publish mandatory; drain the content anyway. */
-		amqp_message_t m;
-		amqp_rpc_reply_t r = amqp_read_message(t->conn, f.channel, &m, 0);
-		if (r.reply_type == AMQP_RESPONSE_NORMAL)
-			amqp_destroy_message(&m);
-		else
-			transport_lose(t, false, "reading a returned message");
-		break;
-	}
 	case AMQP_BASIC_CANCEL_METHOD: {
-		const amqp_basic_cancel_t *c = f.payload.method.decoded;
+		const amqp_basic_cancel_t *c = f->payload.method.decoded;
 		transport_lose(t, true, "the broker cancelled consumer %.*s (queue deleted?)",
 			       (int)c->consumer_tag.len, (const char *)c->consumer_tag.bytes);
 		break;
 	}
 	case AMQP_CHANNEL_CLOSE_METHOD: {
-		const amqp_channel_close_t *c = f.payload.method.decoded;
+		const amqp_channel_close_t *c = f->payload.method.decoded;
 		amqp_channel_close_ok_t ok = {0};
 		char why[300];
 
-		snprintf(why, sizeof(why), "the broker closed channel %u: %u %.*s", f.channel,
+		snprintf(why, sizeof(why), "the broker closed channel %u: %u %.*s", f->channel,
 			 c->reply_code, (int)c->reply_text.len, (const char *)c->reply_text.bytes);
-		(void)amqp_send_method(t->conn, f.channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+		(void)amqp_send_method(t->conn, f->channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
 		transport_lose(t, true, "%s", why);
 		break;
 	}
 	case AMQP_CONNECTION_CLOSE_METHOD: {
-		const amqp_connection_close_t *c = f.payload.method.decoded;
+		const amqp_connection_close_t *c = f->payload.method.decoded;
 		amqp_connection_close_ok_t ok = {0};
 		char why[300];
 
@@ -1413,7 +1942,7 @@ frame_handle(struct transport *t)
 		break;
 	}
 	case AMQP_CONNECTION_BLOCKED_METHOD: {
-		const amqp_connection_blocked_t *b = f.payload.method.decoded;
+		const amqp_connection_blocked_t *b = f->payload.method.decoded;
 		log_warnx("the broker blocks publishing: %.*s", (int)b->reason.len,
 			  (const char *)b->reason.bytes);
 		t->blocked = true;
@@ -1424,40 +1953,110 @@ frame_handle(struct transport *t)
 		t->blocked = false;
 		break;
 	default:
-		log_debug("ignoring %s on channel %u", amqp_method_name(f.payload.method.id),
-			  f.channel);
+		log_debug("ignoring %s on channel %u", amqp_method_name(f->payload.method.id),
+			  f->channel);
 		break;
 	}
 }
 
-/* Everything the broker has sent us, without blocking; bounded per turn so
- * settlements are not starved. */
+/* One frame: deliveries and returns are assembled across frames (and loop
+ * turns), anything else is handled at once. */
+static void
+frame_handle(struct transport *t, const amqp_frame_t *f)
+{
+	struct incoming *in;
+
+	if (f->frame_type == AMQP_FRAME_HEARTBEAT)
+		return;
+	if (f->channel > CH_PUBLISH) {
+		transport_lose(t, false, "a frame on unknown channel %u", f->channel);
+		return;
+	}
+	in = &t->in[f->channel];
+	switch (f->frame_type) {
+	case AMQP_FRAME_METHOD:
+		if (in->state != IN_IDLE) {
+			transport_lose(t, false, "a method frame inside a message on channel %u",
+				       f->channel);
+			return;
+		}
+		if (f->payload.method.id == AMQP_BASIC_DELIVER_METHOD &&
+		    (f->channel == CH_REQUEST || f->channel == CH_CONTROL)) {
+			const amqp_basic_deliver_t *dm = f->payload.method.decoded;
+			in->tag = dm->delivery_tag;
+		} else if (f->payload.method.id == AMQP_BASIC_RETURN_METHOD) {
+			const amqp_basic_return_t *rm = f->payload.method.decoded;
+			in->is_return = true;
+			in->return_code = rm->reply_code;
+			snprintf(in->routing_key, sizeof(in->routing_key), "%.*s",
+				 (int)rm->routing_key.len, (const char *)rm->routing_key.bytes);
+		} else {
+			method_handle(t, f);
+			return;
+		}
+		init_amqp_pool(&in->msg.pool, 4096);
+		in->state = IN_HEADER;
+		return;
+	case AMQP_FRAME_HEADER: {
+		uint64_t size = f->payload.properties.body_size;
+
+		if (in->state != IN_HEADER || size > BODY_MAX) {
+			/* The broker sends nothing larger than its
+			 * max_message_size (128 MiB by default). */
+			transport_lose(t, false, "unexpected content header on channel %u (%" PRIu64
+				       " bytes)", f->channel, size);
+			return;
+		}
+		properties_clone(f->payload.properties.decoded, &in->msg);
+		in->msg.body = size > 0 ? amqp_bytes_malloc((size_t)size) : amqp_empty_bytes;
+		if (size > 0 && in->msg.body.bytes == NULL)
+			fatalx("out of memory");
+		in->body_got = 0;
+		in->state = IN_BODY;
+		if (size == 0)
+			incoming_complete(t, f->channel);
+		return;
+	}
+	case AMQP_FRAME_BODY: {
+		amqp_bytes_t frag = f->payload.body_fragment;
+
+		if (in->state != IN_BODY || frag.len > in->msg.body.len - in->body_got) {
+			transport_lose(t, false, "unexpected content body on channel %u",
+				       f->channel);
+			return;
+		}
+		memcpy((char *)in->msg.body.bytes + in->body_got, frag.bytes, frag.len);
+		in->body_got += frag.len;
+		if (in->body_got == in->msg.body.len)
+			incoming_complete(t, f->channel);
+		return;
+	}
+	default:
+		log_debug("ignoring a frame of type %u on channel %u", f->frame_type, f->channel);
+		return;
+	}
+}
+
+/* Whatever frames have arrived, without blocking: a message cut in the
+ * middle waits for its next frame in t->in, not in a read.  Bounded per
+ * turn so settlements are not starved. */
 static void
 frames_read(struct transport *t)
 {
 	for (int i = 0; i < FRAMES_PER_TURN && t->connected; i++) {
 		struct timeval zero = {0, 0};
-		amqp_envelope_t env;
-		amqp_rpc_reply_t r;
-		char why[300];
+		amqp_frame_t f;
+		int rc;
 
 		amqp_maybe_release_buffers(t->conn);
-		r = amqp_consume_message(t->conn, &env, &zero, 0);
-		if (r.reply_type == AMQP_RESPONSE_NORMAL) {
-			delivery_accept(t, &env);
-			continue;
+		rc = amqp_simple_wait_frame_noblock(t->conn, &f, &zero);
+		if (rc == AMQP_STATUS_TIMEOUT)
+			return;
+		if (rc != AMQP_STATUS_OK) {
+			transport_lose(t, false, "reading a frame: %s", amqp_error_string2(rc));
+			return;
 		}
-		if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
-			if (r.library_error == AMQP_STATUS_TIMEOUT)
-				return;
-			if (r.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
-				frame_handle(t);
-				continue;
-			}
-		}
-		reply_describe(r, why, sizeof(why));
-		transport_lose(t, false, "%s", why);
-		return;
+		frame_handle(t, &f);
 	}
 }
 
@@ -1500,19 +2099,42 @@ drained(struct transport *t)
 	return idle && t->confirms == NULL && t->deferred == NULL;
 }
 
+/* No new work: cancel both consumers; what arrives before cancel-ok goes
+ * to the scheduler, which is shutting down and requeues it.  The
+ * connection stays, to settle what runs. */
 static void
-stop_begin(struct transport *t)
+consumers_cancel(struct transport *t)
 {
-	t->stopping = true;
-	t->stop_deadline_ns = now_ns() + (uint64_t)STOP_DRAIN_MS * 1000000u;
+	t->consuming = false;
 	if (!t->connected)
 		return;
-	/* No new work; what arrives before cancel-ok is requeued. */
 	amqp_basic_cancel(t->conn, CH_REQUEST, amqp_cstring_bytes("occamyd-requests"));
 	if (amqp_get_rpc_reply(t->conn).reply_type == AMQP_RESPONSE_NORMAL)
 		amqp_basic_cancel(t->conn, CH_CONTROL, amqp_cstring_bytes("occamyd-control"));
 	if (amqp_get_rpc_reply(t->conn).reply_type != AMQP_RESPONSE_NORMAL)
 		transport_lose(t, false, "cancelling consumers for shutdown");
+	else
+		log_info("consumers cancelled: no new requests");
+}
+
+static void
+stop_begin(struct transport *t)
+{
+	t->stopping = true;
+	t->stop_deadline_ns = now_ns() + (uint64_t)STOP_DRAIN_MS * 1000000u;
+	if (t->consuming)
+		consumers_cancel(t);
+}
+
+static bool
+outgoing_queued(struct transport *t)
+{
+	bool any;
+
+	pthread_mutex_lock(&t->lock);
+	any = t->out != NULL;
+	pthread_mutex_unlock(&t->lock);
+	return any;
 }
 
 static void
@@ -1552,15 +2174,24 @@ int
 transport_run(struct transport *t)
 {
 	struct delivery *late, *d;
-	bool stop;
+	struct outgoing *o;
+	size_t dropped = 0;
+	bool stop, quiesce;
 
 	for (;;) {
 		pthread_mutex_lock(&t->lock);
 		stop = t->stop;
+		quiesce = t->quiesce;
 		pthread_mutex_unlock(&t->lock);
+		if (quiesce && t->consuming)
+			consumers_cancel(t);
 		if (stop && !t->stopping)
 			stop_begin(t);
-		if (!t->connected && !t->stopping && now_ns() >= t->next_attempt_ns)
+		/* While stopping, connect again only for plugin publishes still
+		 * to be sent, until the stop deadline. */
+		if (!t->connected && now_ns() >= t->next_attempt_ns &&
+		    (!t->stopping ||
+		     (outgoing_queued(t) && now_ns() < t->stop_deadline_ns)))
 			connection_attempt(t);
 
 		settlements_perform(t);
@@ -1568,7 +2199,8 @@ transport_run(struct transport *t)
 		if (t->connected)
 			frames_read(t);
 		if (t->stopping &&
-		    (!t->connected || drained(t) || now_ns() >= t->stop_deadline_ns))
+		    ((!t->connected && !outgoing_queued(t)) || drained(t) ||
+		     now_ns() >= t->stop_deadline_ns))
 			break;
 		if (t->conn != NULL)
 			amqp_maybe_release_buffers(t->conn);
@@ -1578,6 +2210,9 @@ transport_run(struct transport *t)
 	}
 
 	if (t->connected) {
+		/* Ours alone: gone now rather than at x-expires. */
+		amqp_queue_delete(t->conn, CH_PUBLISH, amqp_cstring_bytes(t->control_queue), 0, 0);
+		(void)amqp_get_rpc_reply(t->conn);
 		connection_drop(t, true);
 		log_info("AMQP connection to %s closed", t->uri_masked);
 	}
@@ -1587,7 +2222,19 @@ transport_run(struct transport *t)
 	late = t->settled;
 	t->settled = NULL;
 	t->settled_tail = &t->settled;
+	while ((o = t->out) != NULL) {
+		t->out = o->next;
+		t->out_count--;
+		t->out_bytes -= o->bytes;
+		t->stats.publish_failures++;
+		outgoing_free(o);
+		dropped++;
+	}
+	t->out_tail = &t->out;
 	pthread_mutex_unlock(&t->lock);
+	if (dropped > 0)
+		log_warnx("%zu plugin publishes dropped at stop: the broker could not be "
+			  "reached in time", dropped);
 	while ((d = late) != NULL) {
 		late = d->next;
 		STAT_ADD(t, stale_settlements, 1);
@@ -1667,11 +2314,20 @@ transport_new(const struct config *cfg, struct sched *s, const struct transport_
 	t->dl_queue = xstrdup(cfg->dead_letter_queue);
 	t->header_task_id = xstrdup(cfg->header_task_id);
 	t->header_handler = xstrdup(cfg->header_handler);
+	/* Steps of doubling delays up to the cap, one delay queue each. */
+	for (unsigned ms = cfg->retry_delay_ms; ms > 0 && t->retry_steps < RETRY_STEPS_MAX;) {
+		unsigned next = ms > cfg->retry_delay_max_ms / 2 ? cfg->retry_delay_max_ms : ms * 2;
+		t->retry_delay_ms[t->retry_steps++] = ms;
+		if (ms >= cfg->retry_delay_max_ms)
+			break;
+		ms = next;
+	}
 	if (gethostname(host, sizeof(host)) < 0)
 		snprintf(host, sizeof(host), "unknown");
 	host[sizeof(host) - 1] = '\0';
 	snprintf(t->connection_name, sizeof(t->connection_name), "occamyd@%s:%ld", host,
 		 (long)getpid());
+	t->consuming = true;
 	t->sched = s;
 	if (hooks != NULL)
 		t->hooks = *hooks;
@@ -1688,7 +2344,20 @@ transport_new(const struct config *cfg, struct sched *s, const struct transport_
 	t->rng = now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t;
 	if (t->rng == 0)
 		t->rng = 1;
+	/* Stable for this process, unique across restarts and hosts. */
+	snprintf(t->control_queue, sizeof(t->control_queue), "%.120s.%.64s.%ld.%04x",
+		 t->control_exchange, host, (long)getpid(), (unsigned)(t->rng & 0xffff));
+	t->frame_max_shared = AMQP_DEFAULT_FRAME_SIZE; /* until connected */
 	return t;
+}
+
+void
+transport_quiesce(struct transport *t)
+{
+	pthread_mutex_lock(&t->lock);
+	t->quiesce = true;
+	pthread_mutex_unlock(&t->lock);
+	wake(t);
 }
 
 void
@@ -1700,17 +2369,74 @@ transport_stop(struct transport *t)
 	wake(t);
 }
 
+/* What a plugin publish would put in its header frame: flags, delivery
+ * mode, and a table of string entries (1 + key + 'S' + 4 + value each). */
+static size_t
+outgoing_header_size(const char *name, const struct occamy_kv *headers, size_t nheaders)
+{
+	size_t size = HEADER_FRAME_OVERHEAD + 2 + 1 + 4;
+
+	if (name != NULL)
+		size += 6 + 64 + strlen(name); /* our header, its key at most 64 */
+	for (size_t i = 0; i < nheaders; i++)
+		size += 6 + strlen(headers[i].key != NULL ? headers[i].key : "") +
+			strlen(headers[i].value != NULL ? headers[i].value : "");
+	return size;
+}
+
+/* Refuse what can never be sent, here, in the caller's thread: the plugin
+ * learns it from the -1 and nothing reaches the wire. */
+static int
+outgoing_check(struct transport *t, const char *name, const struct occamy_kv *headers,
+	       size_t nheaders, const void *body, size_t len, char *why, size_t whylen)
+{
+	unsigned frame_max;
+	size_t size;
+
+	if (nheaders > HEADERS_MAX || (nheaders > 0 && headers == NULL) ||
+	    (len > 0 && body == NULL)) {
+		snprintf(why, whylen, "bad arguments (%zu headers)", nheaders);
+		return -1;
+	}
+	for (size_t i = 0; i < nheaders; i++) {
+		size_t kl = headers[i].key != NULL ? strlen(headers[i].key) : 0;
+		if (kl == 0 || kl > SHORTSTR_MAX) {
+			snprintf(why, whylen, "header key of %zu bytes (1 to %d)", kl, SHORTSTR_MAX);
+			return -1;
+		}
+	}
+	if (len > BODY_MAX) {
+		snprintf(why, whylen, "body of %zu bytes (at most %u)", len, BODY_MAX);
+		return -1;
+	}
+	pthread_mutex_lock(&t->lock);
+	frame_max = t->frame_max_shared;
+	pthread_mutex_unlock(&t->lock);
+	size = outgoing_header_size(name, headers, nheaders);
+	if (size > frame_max) {
+		snprintf(why, whylen, "headers of about %zu bytes do not fit in the %u-byte frame",
+			 size, frame_max);
+		return -1;
+	}
+	return 0;
+}
+
 int
 transport_publish(struct transport *t, enum publish_kind kind, const char *name,
 		  const struct occamy_kv *headers, size_t nheaders, const void *body,
 		  size_t len)
 {
 	struct outgoing *o;
+	char why[REASON_MAX];
 	int ok;
 
-	if (nheaders > HEADERS_MAX || (nheaders > 0 && headers == NULL) ||
-	    (len > 0 && body == NULL))
+	if (outgoing_check(t, name, headers, nheaders, body, len, why, sizeof(why)) < 0) {
+		pthread_mutex_lock(&t->lock);
+		t->stats.publish_refused++;
+		pthread_mutex_unlock(&t->lock);
+		log_warnx("plugin publish refused: %s", why);
 		return -1;
+	}
 	o = xcalloc(1, sizeof(*o));
 	o->kind = kind;
 	o->name = name != NULL ? xstrdup(name) : NULL;
@@ -1719,7 +2445,7 @@ transport_publish(struct transport *t, enum publish_kind kind, const char *name,
 		o->headers = xcalloc(nheaders, sizeof(*o->headers));
 		for (size_t i = 0; i < nheaders; i++) {
 			/* Key and value share one allocation. */
-			const char *k = headers[i].key != NULL ? headers[i].key : "";
+			const char *k = headers[i].key;
 			const char *v = headers[i].value != NULL ? headers[i].value : "";
 			size_t kl = strlen(k), vl = strlen(v);
 			char *kv = xmalloc(kl + vl + 2);
@@ -1779,6 +2505,7 @@ transport_destroy(struct transport *t)
 	}
 	close(t->wakefd);
 	pthread_mutex_destroy(&t->lock);
+	free(t->scratch);
 	free(t->uri_buf);
 	free(t->uri_masked);
 	free(t->password_file);

@@ -2,6 +2,13 @@
  * amqp.h - the AMQP transport: the one thread that owns the rabbitmq-c
  * connection, turns deliveries into struct message for the scheduler and
  * carries settlements and publishes from other threads back to the broker.
+ *
+ * The rule: every outgoing publish (reply, dead-letter copy, requeue or
+ * retry copy, plugin publish, status answer) is checked and sized before it
+ * is queued or written.  A publish that cannot be sent is an outcome for
+ * its message, with a reason (refused at transport_publish(), or the
+ * request dead-lettered); it never drops the connection.  Only socket and
+ * protocol failures do.
  */
 #ifndef OCCAMY_AMQP_H
 #define OCCAMY_AMQP_H
@@ -40,16 +47,30 @@ struct transport_hooks {
 	char *(*status)(void *ctx, size_t *len);
 };
 
+/* Requeue, retry and resend events, counted by path and reason. */
+#define TRANSPORT_EVENTS_MAX 32
+struct transport_event {
+	char path[16];   /* "requeue", "retry", "resend" */
+	char reason[64]; /* the settlement's reason, cut */
+	uint64_t count;
+};
+
 struct transport_stats {
 	bool connected;
 	uint64_t reconnects;
 	uint64_t deliveries;        /* requests received */
 	uint64_t control_deliveries;
-	uint64_t acks, requeues, dead_letters;
+	uint64_t acks, requeues, retries, dead_letters;
 	uint64_t replies;           /* results published to reply_to */
+	uint64_t replies_unroutable; /* returned: result dead-lettered */
+	uint64_t replies_refused;   /* nacked by the broker */
 	uint64_t publishes;         /* plugin publishes confirmed */
-	uint64_t publish_failures;
+	uint64_t publish_failures;  /* nacked, or dropped after RESENDS_MAX */
+	uint64_t publish_refused;   /* refused before sending: cannot be encoded */
 	uint64_t stale_settlements; /* dropped: from an older connection */
+	unsigned frame_max;         /* negotiated */
+	unsigned nevents;
+	struct transport_event events[TRANSPORT_EVENTS_MAX];
 };
 
 /* Checks what config.c cannot: the URI parses, the password file can be
@@ -68,8 +89,15 @@ int transport_run(struct transport *t);
  * (bounded by a short timeout). */
 void transport_stop(struct transport *t);
 
-/* Thread-safe.  Copies everything; returns 0 if queued, -1 if not
- * connected or the outgoing queue is full. */
+/* Thread-safe: cancel the consumers (nothing new arrives) but keep the
+ * connection, so that running requests are still settled on it.  The first
+ * step of a graceful stop. */
+void transport_quiesce(struct transport *t);
+
+/* Thread-safe.  Copies everything; returns 0 if queued, -1 (logged) if not
+ * connected, the outgoing queue is full, or the message cannot be sent at
+ * all: a header key over 255 bytes, a header table that does not fit in
+ * the negotiated frame, a body over 128 MiB. */
 int transport_publish(struct transport *t, enum publish_kind kind, const char *name,
 		      const struct occamy_kv *headers, size_t nheaders,
 		      const void *body, size_t len);

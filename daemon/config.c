@@ -98,6 +98,9 @@ static const struct keyword keywords[] = {
 	ENUM(SEC_AMQP, queue_type, "classic", queue_types),
 	UINT(SEC_AMQP, prefetch, 0, 65535, "0"),
 	UINT(SEC_AMQP, delivery_limit, 0, 1000, "5"),
+	UINT(SEC_AMQP, retry_delay_ms, 0, 3600000, "1000"),
+	/* and at least retry_delay_ms: config_check() */
+	UINT(SEC_AMQP, retry_delay_max_ms, 1, 86400000, "60000"),
 
 	/* [metrics] keys drop the metrics_ prefix of their fields */
 	{SEC_METRICS, "listen", K_LISTEN, F(metrics_listen), 0, 0, "", NULL, false},
@@ -717,6 +720,10 @@ config_check(struct parse *p)
 			  "server", "expansion_slot_buffer",
 			  "%u must be less than slots (%u)",
 			  c->expansion_slot_buffer, c->slots);
+	if (c->retry_delay_max_ms < c->retry_delay_ms)
+		key_error(p, key_line(p, SEC_AMQP, "retry_delay_max_ms"), "amqp",
+			  "retry_delay_max_ms", "%u must be at least retry_delay_ms (%u)",
+			  c->retry_delay_max_ms, c->retry_delay_ms);
 	if ((*c->tls_cert == '\0') != (*c->tls_key == '\0')) {
 		const char *set = *c->tls_cert ? "tls_cert" : "tls_key";
 		const char *unset = *c->tls_cert ? "tls_key" : "tls_cert";

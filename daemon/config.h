@@ -58,7 +58,9 @@ struct config {
 	char *dead_letter_queue;        /* default "occamy.dead" */
 	char *queue_type;               /* "classic" (default) or "quorum" */
 	unsigned prefetch;              /* default 0 = slots */
-	unsigned delivery_limit;        /* default 5; 0 = no limit */
+	unsigned delivery_limit;        /* default 5: attempts; 0 = no limit */
+	unsigned retry_delay_ms;        /* default 1000; 0 = retry at once */
+	unsigned retry_delay_max_ms;    /* default 60000 */
 
 	/* [metrics] */
 	char *metrics_listen;           /* "" = off */

@@ -369,6 +369,9 @@ main(int argc, char **argv)
 
 	log_info("%s: shutting down (grace %u s)", strsignal(sig), d.cfg.shutdown_grace_s);
 	sd_notify(0, "STOPPING=1");
+	/* Nothing new first, then the grace; the running requests are still
+	 * settled on the same connection. */
+	transport_quiesce(d.transport);
 	sched_shutdown(d.sched);
 	router_set_publisher(d.router, NULL, NULL);
 	transport_stop(d.transport);

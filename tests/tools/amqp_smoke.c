@@ -139,9 +139,9 @@ sched_submit_request(struct sched *s, struct message *m)
 	for (size_t i = 0; i < m->headers.count; i++)
 		kinds[i] = "SIFBO"[m->headers.items[i].kind];
 	kinds[m->headers.count] = '\0';
-	say("REQUEST body=%.*s action=%s handler=%s count=%" PRId64 " headers=%zu kinds=%s",
+	say("REQUEST body=%.*s action=%s handler=%s attempts=%" PRIu64 " headers=%zu kinds=%s",
 	    (int)m->len < 64 ? (int)m->len : 64, (const char *)m->body,
-	    header_str(m, "action", "-"), header_str(m, "handler", "-"), d->delivery_count,
+	    header_str(m, "action", "-"), header_str(m, "handler", "-"), d->attempts,
 	    m->headers.count, kinds);
 	if (pthread_create(&th, NULL, request_work, m) != 0)
 		fatalx("pthread_create");
