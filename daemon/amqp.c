@@ -2235,6 +2235,12 @@ transport_run(struct transport *t)
 	if (dropped > 0)
 		log_warnx("%zu plugin publishes dropped at stop: the broker could not be "
 			  "reached in time", dropped);
+	pthread_mutex_lock(&t->lock);
+	log_info("AMQP totals: %" PRIu64 " requests, %" PRIu64 " acks, %" PRIu64 " requeues, %"
+		 PRIu64 " retries, %" PRIu64 " dead letters, %" PRIu64 " reconnects",
+		 t->stats.deliveries, t->stats.acks, t->stats.requeues, t->stats.retries,
+		 t->stats.dead_letters, t->stats.reconnects);
+	pthread_mutex_unlock(&t->lock);
 	while ((d = late) != NULL) {
 		late = d->next;
 		STAT_ADD(t, stale_settlements, 1);

@@ -391,6 +391,26 @@ metrics_render(struct metrics *m, FILE *out)
 	fprintf(out, "occamy_replies_total %llu\n", (unsigned long long)ts.replies);
 	HELP("occamy_publishes_total", "counter", "Plugin publishes confirmed by the broker.");
 	fprintf(out, "occamy_publishes_total %llu\n", (unsigned long long)ts.publishes);
+	HELP("occamy_replies_failed_total", "counter",
+	     "Replies that could not be delivered, by reason; their results were dead-lettered.");
+	fprintf(out, "occamy_replies_failed_total{reason=\"unroutable\"} %llu\n",
+		(unsigned long long)ts.replies_unroutable);
+	fprintf(out, "occamy_replies_failed_total{reason=\"refused\"} %llu\n",
+		(unsigned long long)ts.replies_refused);
+	HELP("occamy_publishes_refused_total", "counter",
+	     "Plugin publishes refused before sending: they cannot be encoded.");
+	fprintf(out, "occamy_publishes_refused_total %llu\n",
+		(unsigned long long)ts.publish_refused);
+	HELP("occamy_transport_events_total", "counter",
+	     "Requeues, retries, resends and drops by the transport, by path and reason.");
+	for (i = 0; i < ts.nevents; i++) {
+		char reason[2 * sizeof(ts.events[i].reason)];
+		label_escape(reason, sizeof(reason), ts.events[i].reason);
+		fprintf(out, "occamy_transport_events_total{path=\"%s\",reason=\"%s\"} %llu\n",
+			ts.events[i].path, reason, (unsigned long long)ts.events[i].count);
+	}
+	HELP("occamy_frame_max_bytes", "gauge", "AMQP frame size negotiated with the broker.");
+	fprintf(out, "occamy_frame_max_bytes %u\n", ts.frame_max);
 	HELP("occamy_stale_settlements_total", "counter",
 	     "Settlements dropped because their connection was gone.");
 	fprintf(out, "occamy_stale_settlements_total %llu\n",

@@ -668,3 +668,156 @@ def broker_restart(timeout=180):
         raise AssertionError("no private broker (run via tests/run or tests/broker run)")
     subprocess.run([os.path.join(ROOT, "tests", "broker"), "restart"], check=True,
                    timeout=timeout, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+# ------------------------------------------------------------------ metrics
+
+def scrape_metrics(port):
+    """The daemon's /metrics as {"name{labels}": value}."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10 * SCALE) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def transport_totals(daemon):
+    """The "AMQP totals" line occamyd logs at exit, as a dict."""
+    m = re.findall(r"AMQP totals: (\d+) requests, (\d+) acks, (\d+) requeues, (\d+) retries, "
+                   r"(\d+) dead letters, (\d+) reconnects", daemon.log())
+    if not m:
+        raise AssertionError("no 'AMQP totals' line in the log\n" + daemon.log_tail())
+    keys = ("requests", "acks", "requeues", "retries", "dead_letters", "reconnects")
+    return dict(zip(keys, map(int, m[-1])))
+
+
+# -------------------------------------------------------------------- proxy
+
+class FaultProxy:
+    """A fault-injecting TCP proxy on 127.0.0.1 in front of the test broker:
+
+        with FaultProxy() as px, Daemon(..., uri=px.uri) as d:
+            px.stall_down(after=100)  # broker->client: pass 100 more bytes, then hold
+            px.resume()               # pass what was held, and the rest
+            px.cut()                  # close every proxied connection
+
+    Bytes from the client always pass (so a daemon's acks and publishes
+    reach the broker while its reads are stalled)."""
+
+    def __init__(self):
+        import select as _select
+        import threading
+        import urllib.parse
+        self._select = _select
+        u = urllib.parse.urlsplit(AMQP_URI)
+        self.upstream = (u.hostname or "127.0.0.1", u.port or 5672)
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.uri = f"amqp://{u.username}:{u.password}@127.0.0.1:{self.port}{u.path or '/'}"
+        self.pairs = []        # [client, upstream, held bytes for client]
+        self.down_budget = None  # None: pass all; n: pass n more bytes, then hold
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._closed:
+            with self._lock:
+                socks = [self.lsock] + [s for p in self.pairs for s in p[:2]]
+            try:
+                r, _, _ = self._select.select(socks, [], [], 0.02)
+            except (OSError, ValueError):
+                continue
+            with self._lock:
+                for s in r:
+                    if s is self.lsock:
+                        try:
+                            c, _ = s.accept()
+                            up = socket.create_connection(self.upstream, timeout=10)
+                        except OSError:
+                            continue
+                        self.pairs.append([c, up, b""])
+                        self.connections += 1
+                        continue
+                    pair = next((p for p in self.pairs if s in p[:2]), None)
+                    if pair is None:
+                        continue
+                    try:
+                        data = s.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._drop(pair)
+                        continue
+                    try:
+                        if s is pair[0]:
+                            pair[1].sendall(data)
+                        else:
+                            self._down(pair, data)
+                    except OSError:
+                        self._drop(pair)
+
+    def _down(self, pair, data):
+        if self.down_budget is None:
+            pair[0].sendall(data)
+            return
+        n = min(self.down_budget, len(data))
+        if n:
+            pair[0].sendall(data[:n])
+            self.down_budget -= n
+        pair[2] += data[n:]
+
+    def _drop(self, pair):
+        for s in pair[:2]:
+            try:
+                s.close()
+            except OSError:
+                pass
+        if pair in self.pairs:
+            self.pairs.remove(pair)
+
+    def stall_down(self, after=0):
+        with self._lock:
+            self.down_budget = after
+
+    def resume(self):
+        with self._lock:
+            self.down_budget = None
+            for p in list(self.pairs):
+                if p[2]:
+                    try:
+                        p[0].sendall(p[2])
+                    except OSError:
+                        self._drop(p)
+                        continue
+                    p[2] = b""
+
+    def held(self):
+        with self._lock:
+            return sum(len(p[2]) for p in self.pairs)
+
+    def cut(self):
+        with self._lock:
+            for p in list(self.pairs):
+                self._drop(p)
+
+    def close(self):
+        self._closed = True
+        self._thread.join(5)
+        self.cut()
+        self.lsock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -238,8 +238,9 @@ def test_malformed_corpus_gets_the_right_outcome_and_the_daemon_keeps_serving():
                                 cid, rq.name)
                 else:
                     publish_raw(ch, n["control_exchange"], "", body, h or None, cid, rq.name)
-            # Replies go nowhere useful: the reply is dropped by the broker,
-            # the request is acked, the connection stays up.
+            # Replies that no queue takes come back (mandatory): the result
+            # goes to the dead-letter queue with the reason, the request is
+            # acked, the connection stays up.
             for rt in ("nonexistent-reply-queue-" + uuid.uuid4().hex,
                        "amq.rabbitmq.reply-to.g2dkABNyYWJiaXRAbG9jYWxob3N0AAAAAAAAAAAAAAAA",
                        "r" * 255):
@@ -259,8 +260,11 @@ def test_malformed_corpus_gets_the_right_outcome_and_the_daemon_keeps_serving():
             assert cid not in replies, f"two replies for {cids.get(cid, (cid,))[0]}"
             replies[cid] = r
         dead = {}
-        for h, body, props in drain_dead(d, len(want_dead), 60):
+        lost_replies = []
+        for h, body, props in drain_dead(d, len(want_dead) + 3, 60):
             dead.setdefault(props.correlation_id, []).append(h)
+            if props.correlation_id == "unroutable":
+                lost_replies.append((h, body))
         # Anything late (a second reply, a dead letter for an 'ack' item)?
         time.sleep(1.0)
         rq.conn.process_data_events(0.5)
@@ -301,7 +305,11 @@ def test_malformed_corpus_gets_the_right_outcome_and_the_daemon_keeps_serving():
         extra = set(replies) - set(cids) - {"status"}
         if extra:
             problems.append(f"unexpected replies: {sorted(extra)}")
-        extra = set(dead) - set(cids)
+        extra = set(dead) - set(cids) - {"unroutable"}
+        if len(lost_replies) != 3 or any(
+                b != b"lost reply" or "reply_to unroutable" not in str(h.get("x-occamy-error"))
+                for h, b in lost_replies):
+            problems.append(f"unroutable replies: {[(h.get('x-occamy-error'), b) for h, b in lost_replies]}")
         if extra:
             problems.append(f"unexpected dead letters: {sorted(map(str, extra))}")
         status = replies.get("status")
@@ -311,7 +319,7 @@ def test_malformed_corpus_gets_the_right_outcome_and_the_daemon_keeps_serving():
         note(f"corpus: {len(items)} messages: {len(want_replies) - 1} replies, "
              f"{len(want_dead)} dead letters with reasons, "
              f"{sum(e[0] == 'ack' for _, e in cids.values())} acked silently; "
-             f"3 unroutable reply_to")
+             f"3 unroutable reply_to, their results dead-lettered")
 
         # Still serving, never reconnected, nothing left behind.
         assert rpc(d, "noop", b"after the corpus", timeout=20).body == b"after the corpus"
