@@ -100,6 +100,7 @@ enum {
 #define HEADER_ERROR "x-occamy-error"
 #define HEADER_OUTCOME "x-occamy-handler-outcome"
 #define HEADER_ATTEMPTS "x-occamy-attempts"
+#define HEADER_REQUEUES "x-occamy-requeues"
 
 /* A message being assembled from its frames (method, header, body), one
  * per channel: frames of different channels may interleave. */
@@ -925,7 +926,13 @@ copy_publish(struct transport *t, struct delivery *d, bool retry)
 	int nextra = 0;
 
 	snprintf(rkey, sizeof(rkey), "%s", t->request_queue);
-	if (retry) {
+	if (!retry) {
+		/* The redelivered flag of a copy is false: say it here. */
+		const struct occamy_header *h = occamy_headers_find(&d->base.headers,
+								    HEADER_REQUEUES);
+		int64_t n = h != NULL && h->kind == OCCAMY_VALUE_INT && h->i > 0 ? h->i : 0;
+		extra[nextra++] = entry_int(HEADER_REQUEUES, n + 1);
+	} else {
 		uint64_t n = d->attempts + 1;
 		extra[nextra++] = entry_int(HEADER_ATTEMPTS, (int64_t)n);
 		if (t->retry_steps > 0) {

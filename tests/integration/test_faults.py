@@ -590,7 +590,9 @@ def test_sigterm_under_load_acks_only_finished_work_and_requeues_the_rest():
                 if not method:
                     break
                 back.add(props.correlation_id)
-                if method.redelivered:
+                # A requeue is a new copy (never a broker redelivery): it
+                # says so in x-occamy-requeues.
+                if method.redelivered or (props.headers or {}).get("x-occamy-requeues"):
                     redelivered.add(props.correlation_id)
         finally:
             conn.close()
