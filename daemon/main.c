@@ -358,6 +358,9 @@ main(int argc, char **argv)
 				fatal("sigtimedwait");
 			metrics_sample(d.metrics);
 			notify_status(&d);
+			/* Plugins whose last task ended meanwhile: fini runs
+			 * here, on the main thread, as plugin.h promises. */
+			router_reap(d.router);
 			continue;
 		}
 		if (sig == SIGHUP) {
