@@ -540,6 +540,41 @@ def test_sighup_with_a_broken_config_is_refused_and_the_old_one_keeps_serving():
         assert d.stop() == 0
 
 
+def test_sighup_keeps_an_unchanged_plugin_and_finalises_a_removed_one_on_main():
+    # The fixture appends "init"/"fini" to its trace file, with "off-main"
+    # when called on a thread other than the main one.
+    trace = os.path.join(tempfile.mkdtemp(prefix="occamy-trace-"), "trace")
+    fx = {"path": plugin_path("fixture_initfail"), "ok": "yes", "trace": trace}
+
+    def events():
+        try:
+            with open(trace) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+    with Daemon({"fx": fx, "noop": {}}, slots=2) as d:
+        assert events() == ["init"]
+        edit_ini(d.ini, lambda lines: set_key(lines, "slots", 2) + ["# touched"])
+        pos = d.log_size()
+        d.send_signal(signal.SIGHUP)
+        d.wait_log(r"reloaded: plugins fx, noop$", after=pos)
+        assert events() == ["init"], "an unchanged plugin was initialised again"
+
+        def without_fx(lines):
+            i = lines.index("[plugin fx]")
+            j = lines.index("[plugin noop]")
+            return lines[:i] + lines[j:]
+        edit_ini(d.ini, without_fx)
+        pos = d.log_size()
+        d.send_signal(signal.SIGHUP)
+        d.wait_log(r"reloaded: plugins noop$", after=pos)
+        wait_until(lambda: events() == ["init", "fini"], 10, what="fini of the removed fx")
+        assert rpc(d, "noop", b"on").body == b"on"
+        assert d.stop() == 0
+    assert events() == ["init", "fini"], events()
+    shutil.rmtree(os.path.dirname(trace), ignore_errors=True)
+
+
 def test_sighup_keeps_restart_only_keys_and_names_them_in_one_line():
     # Header names reach the transport, the scheduler, the router and each
     # plugin's host: changed on one side only, helpers' reports and requests
