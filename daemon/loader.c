@@ -3,10 +3,14 @@
  * check before any plugin code runs, the host API, the adapter from plugin
  * tasks to scheduler tasks, and routing of messages by handler header.
  *
- * Lifetimes: a plugin is reference counted by its set and by each live task;
- * it is finalised and dlclose()d when the last reference goes, so a reload
- * can drop a plugin while its tasks still run.  r->mu guards the installed
- * set, the header names and the publisher.
+ * Lifetimes: a plugin (one [plugin NAME] instance) is reference counted by
+ * the sets holding it and by each live task.  When the last reference goes,
+ * on whatever thread, it is only marked retired; the main thread finalises
+ * and dlclose()s it in router_reap(), so fini never runs on a worker thread
+ * and never concurrently with another init or fini.  A reload keeps an
+ * instance whose section, file and header names are unchanged, so it is not
+ * initialised twice.  r->mu guards the installed set, the list of every
+ * instance not yet freed, the header names and the publisher.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -35,14 +39,20 @@ struct plugin {
 	char *path;
 	char *header_task_id;         /* handed to the plugin in its host */
 	char *header_handler;
+	struct plugin_option *options; /* as given to init, to tell a change */
+	size_t noptions;
+	struct stat file;             /* what was dlopen()ed, to tell a new file */
 	atomic_uint refs;
 	bool initialised;
+	bool retired;                 /* refs reached 0; r->mu */
+	struct plugin *next;          /* r->plugins; r->mu */
 	/* Its tasks' ops: expand and handle only where the plugin has them,
 	 * so the scheduler does not offer room to tasks that cannot use it. */
 	struct task_ops task_ops;
 };
 
 struct plugin_set {
+	struct router *router;
 	struct plugin **plugins;
 	size_t n;
 };
@@ -54,6 +64,7 @@ struct router {
 	char *default_handler;
 	publish_fn publish;
 	void *publish_ctx;
+	struct plugin *plugins;       /* every instance not yet freed */
 	atomic_uint live_plugins;
 };
 
@@ -171,21 +182,87 @@ host_publish_help(const struct occamy_host *h, const char *handler,
 
 /* ---- plugins ---- */
 
+/* Any thread: the last reference leaves the instance for router_reap(). */
 static void
 plugin_unref(struct plugin *p)
 {
+	struct router *r = p->router;
+
 	if (atomic_fetch_sub(&p->refs, 1) != 1)
 		return;
+	pthread_mutex_lock(&r->mu);
+	p->retired = true;
+	pthread_mutex_unlock(&r->mu);
+}
+
+static void
+plugin_free(struct plugin *p)
+{
+	size_t i;
+
 	if (p->initialised && p->desc->fini != NULL)
 		p->desc->fini(&p->host);
 	if (p->dl != NULL)
 		dlclose(p->dl);
 	atomic_fetch_sub(&p->router->live_plugins, 1);
+	for (i = 0; i < p->noptions; i++) {
+		free(p->options[i].key);
+		free(p->options[i].value);
+	}
+	free(p->options);
 	free(p->name);
 	free(p->path);
 	free(p->header_task_id);
 	free(p->header_handler);
 	free(p);
+}
+
+void
+router_reap(struct router *r)
+{
+	struct plugin **pp, *dead = NULL, *p;
+
+	pthread_mutex_lock(&r->mu);
+	for (pp = &r->plugins; (p = *pp) != NULL;) {
+		if (p->retired) {
+			*pp = p->next;
+			p->next = dead;
+			dead = p;
+		} else {
+			pp = &p->next;
+		}
+	}
+	pthread_mutex_unlock(&r->mu);
+	/* fini outside the lock: the plugin may still publish from it. */
+	while ((p = dead) != NULL) {
+		dead = p->next;
+		plugin_free(p);
+	}
+}
+
+/* The dynamic linker matches a path it has loaded before by name and hands
+ * back the loaded copy, so a file replaced on disk is not read again while
+ * an instance of the old one lives. */
+static bool
+same_file(const struct stat *a, const struct stat *b)
+{
+	return a->st_dev == b->st_dev && a->st_ino == b->st_ino &&
+	       a->st_size == b->st_size && a->st_mtim.tv_sec == b->st_mtim.tv_sec &&
+	       a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
+}
+
+static char *
+plugin_path(const struct config *cfg, const struct plugin_config *pc)
+{
+	size_t n;
+	char *path;
+
+	if (pc->path[0] == '/')
+		return xstrdup(pc->path);
+	n = strlen(cfg->plugin_dir) + strlen(pc->path) + 2;
+	path = xmalloc(n);
+	snprintf(path, n, "%s/%s", cfg->plugin_dir, pc->path);
+	return path;
 }
 
 /* Code loading gets the care sshd gives its keys: the file and every
@@ -284,17 +361,24 @@ plugin_load(struct router *r, const struct config *cfg, const struct plugin_conf
 	const char *sym_err;
 	size_t i;
 
+	struct plugin *q;
+	bool stale = false;
+
 	p->router = r;
 	p->name = xstrdup(pc->name);
 	atomic_init(&p->refs, 1);
 	atomic_fetch_add(&r->live_plugins, 1);
-	if (pc->path[0] == '/') {
-		p->path = xstrdup(pc->path);
-	} else {
-		size_t n = strlen(cfg->plugin_dir) + strlen(pc->path) + 2;
-		p->path = xmalloc(n);
-		snprintf(p->path, n, "%s/%s", cfg->plugin_dir, pc->path);
+	p->path = plugin_path(cfg, pc);
+	p->options = xcalloc(pc->noptions ? pc->noptions : 1, sizeof(*p->options));
+	for (i = 0; i < pc->noptions; i++) {
+		p->options[i].key = xstrdup(pc->options[i].key);
+		p->options[i].value = xstrdup(pc->options[i].value);
 	}
+	p->noptions = pc->noptions;
+	pthread_mutex_lock(&r->mu);
+	p->next = r->plugins;
+	r->plugins = p;
+	pthread_mutex_unlock(&r->mu);
 #define FAIL(...)                                                              \
 	do {                                                                   \
 		char m_[600];                                                  \
@@ -308,6 +392,16 @@ plugin_load(struct router *r, const struct config *cfg, const struct plugin_conf
 		FAIL("%s", why);
 	if (!is_elf(p->path))
 		FAIL("not a shared object (no ELF header)");
+	if (stat(p->path, &p->file) != 0)
+		FAIL("cannot stat: %s", strerror(errno));
+	pthread_mutex_lock(&r->mu);
+	for (q = r->plugins; q != NULL; q = q->next)
+		if (q != p && strcmp(q->path, p->path) == 0 && !same_file(&q->file, &p->file))
+			stale = true;
+	pthread_mutex_unlock(&r->mu);
+	if (stale)
+		FAIL("replaced on disk while the old file is still loaded; "
+		     "the new one loads at restart");
 	p->dl = dlopen(p->path, RTLD_NOW | RTLD_LOCAL);
 	if (p->dl == NULL)
 		FAIL("dlopen: %s", dlerror());
@@ -375,14 +469,72 @@ fail:
 void
 plugin_set_release(struct plugin_set *set)
 {
+	struct router *r;
 	size_t i;
 
 	if (set == NULL)
 		return;
 	for (i = 0; i < set->n; i++)
 		plugin_unref(set->plugins[i]);
+	r = set->router;
 	free(set->plugins);
 	free(set);
+	router_reap(r);
+}
+
+static bool
+same_options(const struct plugin *p, const struct plugin_config *pc)
+{
+	size_t i;
+
+	if (p->noptions != pc->noptions)
+		return false;
+	for (i = 0; i < p->noptions; i++)
+		if (strcmp(p->options[i].key, pc->options[i].key) != 0 ||
+		    strcmp(p->options[i].value, pc->options[i].value) != 0)
+			return false;
+	return true;
+}
+
+/* The installed instance a reload keeps for pc, with a reference, or NULL
+ * if pc needs a new one.  Kept: same name, path, file, options and header
+ * names.  A file replaced under the same name and path keeps the loaded
+ * instance too, as the new file cannot be loaded beside it. */
+static struct plugin *
+plugin_keep(struct router *r, const struct config *cfg, const struct plugin_config *pc)
+{
+	struct plugin *p = NULL;
+	struct stat st;
+	char *path = plugin_path(cfg, pc);
+	size_t i;
+	bool same;
+
+	pthread_mutex_lock(&r->mu);
+	for (i = 0; r->set != NULL && i < r->set->n; i++)
+		if (strcmp(r->set->plugins[i]->name, pc->name) == 0)
+			p = r->set->plugins[i];
+	if (p != NULL && strcmp(p->path, path) != 0)
+		p = NULL;
+	if (p != NULL)
+		atomic_fetch_add(&p->refs, 1);
+	pthread_mutex_unlock(&r->mu);
+	free(path);
+	if (p == NULL)
+		return NULL;
+	same = stat(p->path, &st) == 0 && same_file(&st, &p->file);
+	if (!same) {
+		log_warnx("%s:%d: plugin %s (%s): the file changed since it was loaded; "
+			  "the loaded instance and its options stay until a restart",
+			  cfg->file, pc->line, p->name, p->path);
+		return p;
+	}
+	if (same_options(p, pc) && strcmp(p->header_task_id, cfg->header_task_id) == 0 &&
+	    strcmp(p->header_handler, cfg->header_handler) == 0) {
+		log_debug("plugin %s unchanged: kept, not initialised again", p->name);
+		return p;
+	}
+	plugin_unref(p);
+	return NULL;
 }
 
 struct plugin_set *
@@ -392,9 +544,14 @@ plugin_set_load(struct router *r, const struct config *cfg, char *err, size_t er
 	bool failed = false;
 	size_t i;
 
+	/* Old instances of a file must be gone before it can be loaded anew. */
+	router_reap(r);
+	set->router = r;
 	set->plugins = xcalloc(cfg->nplugins ? cfg->nplugins : 1, sizeof(*set->plugins));
 	for (i = 0; i < cfg->nplugins; i++) {
-		struct plugin *p = plugin_load(r, cfg, &cfg->plugins[i], err, errlen);
+		struct plugin *p = plugin_keep(r, cfg, &cfg->plugins[i]);
+		if (p == NULL)
+			p = plugin_load(r, cfg, &cfg->plugins[i], err, errlen);
 		if (p == NULL)
 			failed = true;
 		else

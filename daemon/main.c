@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -195,8 +196,88 @@ print_errors(const char *errs)
 	fprintf(stderr, "%s%s", errs, errs[0] && errs[strlen(errs) - 1] != '\n' ? "\n" : "");
 }
 
+/* Keys read only at start: the transport, the metrics endpoint, the
+ * scheduler's slots and helper threads, and every plugin's host table are
+ * built from them.  A reload keeps their running values, so that no part of
+ * the daemon runs with a value the others do not share. */
+enum key_type { KEY_UNSIGNED, KEY_BOOL, KEY_STRING };
+
+static const struct restart_key {
+	const char *name;
+	enum key_type type;
+	size_t offset;
+} restart_keys[] = {
+#define KEY(name, type, field) {name, type, offsetof(struct config, field)}
+	KEY("[server] slots", KEY_UNSIGNED, slots),
+	KEY("[server] helper_priority", KEY_STRING, helper_priority),
+	KEY("[server] header_task_id", KEY_STRING, header_task_id),
+	KEY("[server] header_handler", KEY_STRING, header_handler),
+	KEY("[amqp] uri", KEY_STRING, uri),
+	KEY("[amqp] password_file", KEY_STRING, password_file),
+	KEY("[amqp] heartbeat_s", KEY_UNSIGNED, heartbeat_s),
+	KEY("[amqp] tls_ca", KEY_STRING, tls_ca),
+	KEY("[amqp] tls_cert", KEY_STRING, tls_cert),
+	KEY("[amqp] tls_key", KEY_STRING, tls_key),
+	KEY("[amqp] tls_verify_peer", KEY_BOOL, tls_verify_peer),
+	KEY("[amqp] tls_verify_hostname", KEY_BOOL, tls_verify_hostname),
+	KEY("[amqp] request_queue", KEY_STRING, request_queue),
+	KEY("[amqp] request_exchange", KEY_STRING, request_exchange),
+	KEY("[amqp] control_exchange", KEY_STRING, control_exchange),
+	KEY("[amqp] dead_letter_exchange", KEY_STRING, dead_letter_exchange),
+	KEY("[amqp] dead_letter_queue", KEY_STRING, dead_letter_queue),
+	KEY("[amqp] queue_type", KEY_STRING, queue_type),
+	KEY("[amqp] prefetch", KEY_UNSIGNED, prefetch),
+	KEY("[amqp] delivery_limit", KEY_UNSIGNED, delivery_limit),
+	KEY("[metrics] listen", KEY_STRING, metrics_listen),
+	KEY("[metrics] window", KEY_UNSIGNED, metrics_window),
+	KEY("[metrics] sample_s", KEY_UNSIGNED, metrics_sample_s),
+#undef KEY
+};
+
+/* Give ncfg the running value of every restart key; name those that
+ * differed, comma separated, in buf.  Returns how many did. */
+static unsigned
+keep_restart_keys(const struct config *run, struct config *ncfg, char *buf, size_t len)
+{
+	unsigned n = 0;
+	size_t i, used = 0;
+
+	buf[0] = '\0';
+	for (i = 0; i < sizeof(restart_keys) / sizeof(restart_keys[0]); i++) {
+		const struct restart_key *k = &restart_keys[i];
+		const void *from = (const char *)run + k->offset;
+		void *to = (char *)ncfg + k->offset;
+		bool same = false;
+
+		switch (k->type) {
+		case KEY_UNSIGNED:
+			same = *(const unsigned *)from == *(unsigned *)to;
+			*(unsigned *)to = *(const unsigned *)from;
+			break;
+		case KEY_BOOL:
+			same = *(const bool *)from == *(bool *)to;
+			*(bool *)to = *(const bool *)from;
+			break;
+		case KEY_STRING:
+			same = strcmp(*(char *const *)from, *(char **)to) == 0;
+			free(*(char **)to);
+			*(char **)to = xstrdup(*(char *const *)from);
+			break;
+		}
+		if (same)
+			continue;
+		if (used < len) {
+			int w = snprintf(buf + used, len - used, "%s%s", n ? ", " : "", k->name);
+			used += w > 0 ? (size_t)w : 0;
+		}
+		n++;
+	}
+	return n;
+}
+
 /* Reload on SIGHUP: a new config with errors is refused and the old one
- * keeps running. */
+ * keeps running.  Keys that change only at restart keep their running
+ * values, and one line names those that the new file changed. */
 static void
 reload(struct daemon *d)
 {
@@ -204,7 +285,8 @@ reload(struct daemon *d)
 	struct plugin_set *set;
 	struct sched_config sc;
 	char errs[8192] = "";
-	char names[512];
+	char names[512], kept[1024];
+	unsigned nkept;
 
 	sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu",
 		   (unsigned long long)(mono_ns() / 1000u));
@@ -218,6 +300,16 @@ reload(struct daemon *d)
 		config_free(&ncfg);
 		goto done;
 	}
+	nkept = keep_restart_keys(&d->cfg, &ncfg, kept, sizeof(kept));
+	/* The file checked the buffer against its own slots, not ours. */
+	if (ncfg.expansion_slot_buffer >= ncfg.slots) {
+		log_warnx("reload refused, keeping the running configuration:\n"
+			  "%s: [server] key 'expansion_slot_buffer': %u is not less than the "
+			  "running slots (%u); slots changes at restart",
+			  ncfg.file, ncfg.expansion_slot_buffer, ncfg.slots);
+		config_free(&ncfg);
+		goto done;
+	}
 	set = plugin_set_load(d->router, &ncfg, errs, sizeof(errs));
 	if (set == NULL) {
 		log_warnx("reload refused, keeping the running configuration:\n%s", errs);
@@ -227,11 +319,10 @@ reload(struct daemon *d)
 	router_install(d->router, set, &ncfg);
 	sched_config_from(&ncfg, &sc);
 	sched_reconfigure(d->sched, &sc);
-	if (strcmp(ncfg.uri, d->cfg.uri) != 0 || ncfg.slots != d->cfg.slots ||
-	    strcmp(ncfg.request_queue, d->cfg.request_queue) != 0 ||
-	    strcmp(ncfg.metrics_listen, d->cfg.metrics_listen) != 0)
-		log_warnx("broker, queue, slot and metrics settings change at restart");
-	/* Keep what the running transport and metrics were built from. */
+	if (nkept > 0)
+		log_warnx("reload: %s %s %s a restart; keeping %s old value%s",
+			  nkept == 1 ? "key" : "keys", kept, nkept == 1 ? "needs" : "need",
+			  nkept == 1 ? "its" : "their", nkept == 1 ? "" : "s");
 	{
 		struct config old = d->cfg;
 		d->cfg = ncfg;
@@ -358,6 +449,9 @@ main(int argc, char **argv)
 				fatal("sigtimedwait");
 			metrics_sample(d.metrics);
 			notify_status(&d);
+			/* Plugins whose last task ended meanwhile: fini runs
+			 * here, on the main thread, as plugin.h promises. */
+			router_reap(d.router);
 			continue;
 		}
 		if (sig == SIGHUP) {

@@ -258,7 +258,12 @@ cancel_sleep_ms(const struct occamy_cancel *cc, uint64_t ms)
 {
 	/* The token is logically const to plugins; waiting needs its word. */
 	struct occamy_cancel *c = (struct occamy_cancel *)(uintptr_t)cc;
-	uint64_t end = now_ns() + ms * 1000000u, now;
+	uint64_t now = now_ns(), end;
+
+	/* Saturate: ms * 10^6 or now + that may wrap, and a wrapped deadline
+	 * lies in the past, so "sleep forever" would return at once and the
+	 * plugin would spin. */
+	end = ms > (UINT64_MAX - now) / 1000000u ? UINT64_MAX : now + ms * 1000000u;
 
 	while (!cancel_is_set(c) && (now = now_ns()) < end) {
 		uint64_t left = end - now;

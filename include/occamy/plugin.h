@@ -15,8 +15,35 @@
  * The loader reads that descriptor (ABI major, minor, struct size) before it
  * calls anything, and refuses a plugin built for another major version.
  *
+ * INSTANCES, INIT AND FINI
+ *  - Each [plugin NAME] section of occamy.ini is one instance of its .so,
+ *    with a host table of its own.  init runs once per instance: at start,
+ *    or when a reload adds the section or changes it (other options, another
+ *    path).  fini runs once per instance, once the instance has left the
+ *    running configuration (a reload dropped or changed its section, or the
+ *    daemon is stopping) and the last task it made was destroyed; no
+ *    callback of that instance runs after fini.  A task still stuck in
+ *    task_run when the daemon exits keeps its instance: no fini then.
+ *  - init and fini run on the daemon's main thread only, so they never run
+ *    concurrently with each other.  fini may come a second or so after the
+ *    last task_destroy.
+ *  - A reload that leaves a section unchanged (same path, same file on
+ *    disk, same options, same header names) keeps its instance: neither
+ *    fini nor init runs, and its tasks go on undisturbed.
+ *  - The same .so is mapped once per process, so its global variables are
+ *    shared by all its instances, and instances may overlap: two sections
+ *    may name the same file, and a reload that changes a section inits the
+ *    new instance while the old one's tasks still run (its fini follows
+ *    them).  Keep per-instance state in host->plugin_state.  State that
+ *    must be process-global is set up by the first init and torn down by
+ *    the last fini: count them; no lock is needed for that count.
+ *  - A .so replaced on disk is not read again before a restart (the
+ *    dynamic linker would hand back the loaded copy): a reload keeps the
+ *    running instance, with its old options, and logs a warning; a new
+ *    section naming that file is refused while the old copy is loaded.
+ *
  * THREADING RULES
- *  - init and fini run once, on the main thread, with no task alive.
+ *  - init and fini: see above.
  *  - task_new runs on the daemon's admission or control thread; it must be
  *    quick (parse, validate, allocate) and never block.
  *  - task_run runs on a slot thread and is the only long-running callback.
@@ -196,13 +223,16 @@ struct occamy_plugin {
 	const char *name;
 	const char *version;
 
-	/* Optional.  Called once with the plugin's options from occamy.ini.
-	 * Store host (and set host->plugin_state if useful; it is writable
-	 * here only).  Return 0, or -1 with a reason in err. */
+	/* Optional.  Called once per instance, on the main thread, with its
+	 * options from occamy.ini (see INSTANCES above).  Store host (and set
+	 * host->plugin_state if useful; it is writable here only).  Return 0,
+	 * or -1 with a reason in err: then fini is not called. */
 	int (*init)(struct occamy_host *host, const struct occamy_option *options,
 		    size_t noptions, char *err, size_t errlen);
 
-	/* Optional.  Called once, after every task of the plugin is destroyed. */
+	/* Optional.  Called once per instance, on the main thread, after the
+	 * instance left the running configuration and every task it made was
+	 * destroyed; other instances of the same .so may still be running. */
 	void (*fini)(const struct occamy_host *host);
 
 	/* Required.  Turn a message into a task.  is_help is non-zero for a help

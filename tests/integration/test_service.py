@@ -540,6 +540,89 @@ def test_sighup_with_a_broken_config_is_refused_and_the_old_one_keeps_serving():
         assert d.stop() == 0
 
 
+def test_sighup_keeps_an_unchanged_plugin_and_finalises_a_removed_one_on_main():
+    # The fixture appends "init"/"fini" to its trace file, with "off-main"
+    # when called on a thread other than the main one.
+    trace = os.path.join(tempfile.mkdtemp(prefix="occamy-trace-"), "trace")
+    fx = {"path": plugin_path("fixture_initfail"), "ok": "yes", "trace": trace}
+
+    def events():
+        try:
+            with open(trace) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+    with Daemon({"fx": fx, "noop": {}}, slots=2) as d:
+        assert events() == ["init"]
+        edit_ini(d.ini, lambda lines: set_key(lines, "slots", 2) + ["# touched"])
+        pos = d.log_size()
+        d.send_signal(signal.SIGHUP)
+        d.wait_log(r"reloaded: plugins fx, noop$", after=pos)
+        assert events() == ["init"], "an unchanged plugin was initialised again"
+
+        def without_fx(lines):
+            i = lines.index("[plugin fx]")
+            j = lines.index("[plugin noop]")
+            return lines[:i] + lines[j:]
+        edit_ini(d.ini, without_fx)
+        pos = d.log_size()
+        d.send_signal(signal.SIGHUP)
+        d.wait_log(r"reloaded: plugins noop$", after=pos)
+        wait_until(lambda: events() == ["init", "fini"], 10, what="fini of the removed fx")
+        assert rpc(d, "noop", b"on").body == b"on"
+        assert d.stop() == 0
+    assert events() == ["init", "fini"], events()
+    shutil.rmtree(os.path.dirname(trace), ignore_errors=True)
+
+
+def test_sighup_keeps_restart_only_keys_and_names_them_in_one_line():
+    # Header names reach the transport, the scheduler, the router and each
+    # plugin's host: changed on one side only, helpers' reports and requests
+    # would be dead-lettered in silence.  A reload keeps them, says so once,
+    # and applies the rest of the file.
+    with NotifySocket() as ns, Daemon(["expander"], slots=2, env=ns.env()) as d:
+        ns.wait("READY=1")
+
+        def new(lines):
+            lines = insert_after(lines, "[server]", "header_task_id = x-new-task-id",
+                                 "header_handler = x-new-handler", "kill_timeout_ms = 250")
+            return insert_after(lines, "[amqp]", "heartbeat_s = 7")
+        edit_ini(d.ini, new)
+        pos, n = d.log_size(), ns.count()
+        d.send_signal(signal.SIGHUP)
+        i, _ = ns.wait("RELOADING=1", after=n)
+        ns.wait("READY=1", after=i + 1)
+        d.wait_log(r"reloaded: plugins expander", after=pos)
+        log = d.log()[pos:]
+        lines = [l for l in log.splitlines() if "need a restart" in l or "needs a restart" in l]
+        assert len(lines) == 1, log
+        assert lines[0].endswith(
+            "reload: keys [server] header_task_id, [server] header_handler, "
+            "[amqp] heartbeat_s need a restart; keeping their old values"), lines
+        assert "kill_timeout_ms" not in lines[0]
+        # The old handler header still routes, and the assistant's report
+        # (a control message carrying the old task-id header) reaches its
+        # master: want = 1 report ends the master at once.
+        r = rpc(d, "expander", b"20000,1", timeout=30)
+        m = re.match(r"reports=(\d+) internal=(\d+) external=(\d+)", r.text)
+        assert m and int(m.group(1)) >= 1, r.text
+        assert d.stop() == 0
+
+
+def test_sighup_refuses_a_slot_buffer_the_running_slots_cannot_hold():
+    with Daemon(["noop"], slots=2) as d:
+        edit_ini(d.ini, lambda lines: insert_after(
+            set_key(lines, "slots", 8), "[server]", "expansion_slot_buffer = 4"))
+        pos = d.log_size()
+        d.send_signal(signal.SIGHUP)
+        d.wait_log(r"reload refused, keeping the running configuration", after=pos)
+        d.wait_log(re.escape("[server] key 'expansion_slot_buffer': 4 is not less than "
+                             "the running slots (2); slots changes at restart"), after=pos)
+        assert "reloaded:" not in d.log()[pos:]
+        assert rpc(d, "noop", b"still").body == b"still"
+        assert d.stop() == 0
+
+
 # ----------------------------------------------------- -t, CLI and secrets
 
 def test_config_test_prints_configuration_ok_for_a_good_file():

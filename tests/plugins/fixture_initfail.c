@@ -2,12 +2,15 @@
  * fixture_initfail.c - a plugin whose init refuses its options unless
  * `ok = yes` is given, with a message the loader must pass on.  Counts
  * init/fini through the environment-free way tests can see: a file named
- * by the `trace` option gets "init\n" and "fini\n" lines.
+ * by the `trace` option gets "init\n" and "fini\n" lines, or "init
+ * off-main\n" and "fini off-main\n" when they run on a thread other than
+ * the process's main one (which plugin.h promises they never do).
  */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <occamy/plugin.h>
@@ -19,10 +22,16 @@ struct state {
 static void
 trace(const struct state *s, const char *what)
 {
+	char line[32];
 	int fd;
 
 	if (s->trace[0] == '\0')
 		return;
+	/* The main thread's id is the process id. */
+	if (syscall(SYS_gettid) != getpid()) {
+		snprintf(line, sizeof(line), "%.4s off-main\n", what);
+		what = line;
+	}
 	fd = open(s->trace, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
 	if (fd >= 0) {
 		(void)!write(fd, what, strlen(what));

@@ -1,7 +1,8 @@
 /*
  * test_loader.c - the plugin loader and router against real .so files built
  * from tests/plugins: good plugin, ABI mismatch, missing symbol, not an ELF,
- * unsafe ownership and modes, init failure, load/unload cycles, routing.
+ * unsafe ownership and modes, init failure, load/unload cycles, routing, and
+ * what a reload does to init and fini (kept, drained, finalised on main).
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,6 +13,7 @@
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -316,26 +318,87 @@ test_init_failure_passes_on_the_plugins_message(void **state)
 			  "init failed: option ok must be yes", NULL);
 }
 
+/* A [plugin fx] section of the fixture with a trace file and extra options. */
 static void
-test_load_unload_cycles_pair_init_with_fini(void **state)
+fx_conf(struct config *cfg, const char *trace, const char *more)
 {
-	char trace[PATH_MAX + 16], extra[PATH_MAX + 128];
+	char extra[PATH_MAX + 256];
+
+	snprintf(extra, sizeof(extra), "[plugin fx]\npath = fixture_initfail.so\nok = yes\n"
+		 "trace = %s\n%s", trace, more);
+	load_conf(cfg, extra, NULL);
+}
+
+static void
+trace_path(char *buf, size_t len, const char *name)
+{
+	snprintf(buf, len, "%s/%s", private_dir, name);
+	unlink(buf);
+}
+
+static void
+reload(struct router *r, const struct config *cfg)
+{
+	char errs[4096] = "";
+	struct plugin_set *set = plugin_set_load(r, cfg, errs, sizeof(errs));
+
+	if (set == NULL)
+		fail_msg("reload refused: %s", errs);
+	router_install(r, set, cfg);
+}
+
+static struct task *
+fx_task(struct router *r)
+{
+	struct task_source src = router_task_source(r);
+	struct fake_msg m;
+	struct task *t = NULL;
+	char why[256] = "";
+
+	msg_init(&m, "fx", false);
+	if (src.make_task(src.ctx, &m.base, false, &t, why, sizeof(why)) != OCCAMY_OK)
+		fail_msg("no task: %s", why);
+	return t;
+}
+
+static void *
+destroy_main(void *arg)
+{
+	struct task *t = arg;
+
+	t->ops->destroy(t);
+	return NULL;
+}
+
+/* Tasks end on slot threads: destroy one on a thread of its own. */
+static void
+destroy_elsewhere(struct task *t)
+{
+	pthread_t th;
+
+	assert_int_equal(pthread_create(&th, NULL, destroy_main, t), 0);
+	pthread_join(th, NULL);
+}
+
+static void
+test_reloads_that_change_the_options_pair_init_with_fini(void **state)
+{
+	char trace[PATH_MAX + 16], more[64];
 	struct config cfg;
 	struct router *r;
-	char errs[4096] = "";
 	int i;
 
 	(void)state;
-	snprintf(trace, sizeof(trace), "%s/trace", private_dir);
-	unlink(trace);
-	snprintf(extra, sizeof(extra), "[plugin fx]\npath = fixture_initfail.so\nok = yes\n"
-		 "trace = %s\n", trace);
-	load_conf(&cfg, extra, NULL);
+	trace_path(trace, sizeof(trace), "trace");
+	fx_conf(&cfg, trace, "");
 	r = router_new(&cfg);
 	for (i = 0; i < 50; i++) {
-		struct plugin_set *set = plugin_set_load(r, &cfg, errs, sizeof(errs));
-		assert_non_null(set);
-		router_install(r, set, &cfg);
+		config_free(&cfg);
+		snprintf(more, sizeof(more), "generation = %d\n", i);
+		fx_conf(&cfg, trace, more);
+		reload(r, &cfg);
+		assert_int_equal(count_lines(trace, "init\n"), i + 1);
+		assert_int_equal(count_lines(trace, "fini\n"), i);
 	}
 	router_free(r);
 	assert_int_equal(count_lines(trace, "init\n"), 50);
@@ -344,41 +407,155 @@ test_load_unload_cycles_pair_init_with_fini(void **state)
 }
 
 static void
-test_removed_plugin_unloads_after_its_last_task(void **state)
+test_unchanged_plugin_is_kept_across_reloads_without_init_or_fini(void **state)
 {
-	char trace[PATH_MAX + 16], extra[PATH_MAX + 128];
-	struct config cfg, empty;
+	char trace[PATH_MAX + 16];
+	struct config cfg;
 	struct router *r;
-	struct plugin_set *set;
-	struct task_source src;
-	struct fake_msg m;
-	struct task *t = NULL;
-	char errs[4096] = "", why[256];
+	struct task *t, *t2;
+	int i;
 
 	(void)state;
-	snprintf(trace, sizeof(trace), "%s/trace2", private_dir);
-	unlink(trace);
-	snprintf(extra, sizeof(extra), "[plugin fx]\npath = fixture_initfail.so\nok = yes\n"
-		 "trace = %s\n", trace);
-	load_conf(&cfg, extra, NULL);
+	trace_path(trace, sizeof(trace), "trace-kept");
+	fx_conf(&cfg, trace, "");
 	r = router_new(&cfg);
-	set = plugin_set_load(r, &cfg, errs, sizeof(errs));
-	router_install(r, set, &cfg);
+	reload(r, &cfg);
+	t = fx_task(r);
+	for (i = 0; i < 10; i++) {
+		struct config again;
+
+		fx_conf(&again, trace, "");
+		reload(r, &again);
+		config_free(&again);
+	}
+	/* One init while the task lives, and it still routes. */
+	assert_int_equal(count_lines(trace, "init\n"), 1);
+	assert_int_equal(count_lines(trace, "fini\n"), 0);
+	t2 = fx_task(r);
+	destroy_elsewhere(t);
+	destroy_elsewhere(t2);
+	router_reap(r);
+	assert_int_equal(count_lines(trace, "fini\n"), 0);
+	router_free(r);
+	assert_int_equal(count_lines(trace, "init\n"), 1);
+	assert_int_equal(count_lines(trace, "fini\n"), 1);
+	config_free(&cfg);
+}
+
+static void
+test_removed_plugin_is_finalised_on_the_main_thread_after_its_last_task(void **state)
+{
+	char trace[PATH_MAX + 16];
+	struct config cfg, empty;
+	struct router *r;
+	struct task_source src;
+	struct fake_msg m;
+	struct task *t, *none = NULL;
+	char why[256];
+
+	(void)state;
+	trace_path(trace, sizeof(trace), "trace-removed");
+	fx_conf(&cfg, trace, "");
+	r = router_new(&cfg);
+	reload(r, &cfg);
 	src = router_task_source(r);
-	msg_init(&m, "fx", false);
-	assert_int_equal(src.make_task(src.ctx, &m.base, false, &t, why, sizeof(why)), OCCAMY_OK);
+	t = fx_task(r);
 	/* Reload without the plugin: new work cannot reach it... */
 	load_conf(&empty, "", NULL);
-	router_install(r, plugin_set_load(r, &empty, errs, sizeof(errs)), &empty);
-	assert_int_equal(src.make_task(src.ctx, &m.base, false, &t, why, sizeof(why)),
+	reload(r, &empty);
+	msg_init(&m, "fx", false);
+	assert_int_equal(src.make_task(src.ctx, &m.base, false, &none, why, sizeof(why)),
 			 OCCAMY_ERR_INVALID_TASK);
-	/* ...but it stays loaded while its task lives. */
+	/* ...but it stays loaded while its task lives... */
 	assert_int_equal(count_lines(trace, "fini\n"), 0);
-	t->ops->destroy(t);
+	/* ...and the slot thread that ends the task does not finalise it. */
+	destroy_elsewhere(t);
+	assert_int_equal(count_lines(trace, "fini\n"), 0);
+	assert_int_equal(count_lines(trace, "fini off-main\n"), 0);
+	router_reap(r);
 	assert_int_equal(count_lines(trace, "fini\n"), 1);
 	router_free(r);
+	assert_int_equal(count_lines(trace, "fini\n"), 1);
+	assert_int_equal(count_lines(trace, "init off-main\n"), 0);
 	config_free(&cfg);
 	config_free(&empty);
+}
+
+static void
+test_changed_options_start_a_new_instance_while_the_old_one_drains(void **state)
+{
+	char trace[PATH_MAX + 16];
+	struct config cfg, changed;
+	struct router *r;
+	struct task *old, *young;
+
+	(void)state;
+	trace_path(trace, sizeof(trace), "trace-changed");
+	fx_conf(&cfg, trace, "");
+	r = router_new(&cfg);
+	reload(r, &cfg);
+	old = fx_task(r);
+	fx_conf(&changed, trace, "colour = blue\n");
+	reload(r, &changed);
+	assert_int_equal(count_lines(trace, "init\n"), 2);
+	assert_int_equal(count_lines(trace, "fini\n"), 0);
+	young = fx_task(r);
+	destroy_elsewhere(old);
+	router_reap(r);
+	assert_int_equal(count_lines(trace, "fini\n"), 1);
+	destroy_elsewhere(young);
+	router_free(r);
+	assert_int_equal(count_lines(trace, "fini\n"), 2);
+	assert_int_equal(count_lines(trace, "fini off-main\n"), 0);
+	config_free(&cfg);
+	config_free(&changed);
+}
+
+static void
+test_replaced_file_keeps_the_loaded_instance_until_restart(void **state)
+{
+	char trace[PATH_MAX + 16], from[PATH_MAX + 32], to[PATH_MAX + 16],
+		tmp[PATH_MAX + 16], extra[3 * PATH_MAX + 128], errs[4096] = "";
+	struct config cfg, both;
+	struct router *r;
+	struct task *t;
+
+	(void)state;
+	trace_path(trace, sizeof(trace), "trace-replaced");
+	snprintf(from, sizeof(from), "%s/fixture_initfail.so", plugin_dir);
+	snprintf(to, sizeof(to), "%s/fx.so", private_dir);
+	snprintf(tmp, sizeof(tmp), "%s/fx.so.new", private_dir);
+	copy_file(from, to, 0755);
+	snprintf(extra, sizeof(extra), "[plugin fx]\npath = %s\nok = yes\ntrace = %s\n", to,
+		 trace);
+	load_conf(&cfg, extra, NULL);
+	r = router_new(&cfg);
+	reload(r, &cfg);
+	t = fx_task(r);
+	/* An upgrade: a new file under the old name. */
+	copy_file(from, tmp, 0755);
+	assert_int_equal(rename(tmp, to), 0);
+	reload(r, &cfg);
+	assert_int_equal(count_lines(trace, "init\n"), 1);
+	assert_int_equal(count_lines(trace, "fini\n"), 0);
+	/* A second section naming it cannot get the new file: refused. */
+	snprintf(extra, sizeof(extra), "[plugin fx]\npath = %s\nok = yes\ntrace = %s\n"
+		 "[plugin fy]\npath = %s\nok = yes\n", to, trace, to);
+	load_conf(&both, extra, NULL);
+	assert_null(plugin_set_load(r, &both, errs, sizeof(errs)));
+	if (strstr(errs, "plugin fy") == NULL || strstr(errs, "replaced on disk") == NULL)
+		fail_msg("error '%s' does not say fy's file was replaced", errs);
+	destroy_elsewhere(t);
+	router_free(r);
+	assert_int_equal(count_lines(trace, "fini\n"), 1);
+	/* Once nothing holds the old file, the new one loads. */
+	r = router_new(&cfg);
+	reload(r, &both);
+	router_free(r);
+	assert_int_equal(count_lines(trace, "init\n"), 2);
+	config_free(&cfg);
+	config_free(&both);
+	unlink(to);
 }
 
 static int
@@ -423,8 +600,11 @@ main(void)
 		cmocka_unit_test(test_plugin_in_a_world_writable_directory_is_refused),
 		cmocka_unit_test(test_plugin_below_a_sticky_root_directory_is_accepted),
 		cmocka_unit_test(test_init_failure_passes_on_the_plugins_message),
-		cmocka_unit_test(test_load_unload_cycles_pair_init_with_fini),
-		cmocka_unit_test(test_removed_plugin_unloads_after_its_last_task),
+		cmocka_unit_test(test_reloads_that_change_the_options_pair_init_with_fini),
+		cmocka_unit_test(test_unchanged_plugin_is_kept_across_reloads_without_init_or_fini),
+		cmocka_unit_test(test_removed_plugin_is_finalised_on_the_main_thread_after_its_last_task),
+		cmocka_unit_test(test_changed_options_start_a_new_instance_while_the_old_one_drains),
+		cmocka_unit_test(test_replaced_file_keeps_the_loaded_instance_until_restart),
 	};
 
 	log_init(-1);

@@ -28,6 +28,7 @@ enum run_mode {
 	RUN_UNTIL_CANCEL,
 	RUN_UNTIL_RELEASE, /* until the test releases it (or cancel) */
 	RUN_STUBBORN,   /* ignores cancellation for stubborn_ms */
+	RUN_SLEEP,      /* one cancel_sleep_ms(sleep_ms), then OK or INTERRUPTED */
 };
 
 struct recipe {
@@ -36,6 +37,7 @@ struct recipe {
 	bool make_error;
 	bool make_null;
 	unsigned stubborn_ms;
+	uint64_t sleep_ms;             /* RUN_SLEEP */
 	unsigned child_stubborn_ms;
 	unsigned expand_max;           /* helpers it will create per call */
 	unsigned expand_total;         /* stop expanding after this many (0 = no limit) */
@@ -111,6 +113,9 @@ fake_run(struct task *t, const struct occamy_cancel *c, struct occamy_output *ou
 	case RUN_STUBBORN:
 		usleep(f->r.stubborn_ms * 1000u);
 		st = cancel_is_set(c) ? OCCAMY_ERR_INTERRUPTED : OCCAMY_OK;
+		break;
+	case RUN_SLEEP:
+		st = cancel_sleep_ms(c, f->r.sleep_ms) ? OCCAMY_ERR_INTERRUPTED : OCCAMY_OK;
 		break;
 	}
 	if (cancel_is_set(c))
@@ -1274,6 +1279,56 @@ test_cancel_requests_requeues_protected_tasks(void **state)
 	msg_free(a);
 }
 
+/* ---- cancel tokens ---- */
+
+/* Sleeps whose deadline in ns does not fit in 64 bits (ms * 10^6 wraps, or
+ * now + that does) last until the cancel, instead of returning at once. */
+static void
+test_huge_sleep_lasts_until_cancelled(void **state)
+{
+	static const uint64_t huge[] = {
+		UINT64_MAX, UINT64_MAX / 1000000u + 1, UINT64_MAX / 1000000u,
+		UINT64_MAX / 2000000u,
+	};
+	struct sched *s = start(1, HELPER_PRIORITY_NORMAL);
+	size_t i;
+
+	(void)state;
+	for (i = 0; i < sizeof(huge) / sizeof(huge[0]); i++) {
+		struct recipe r = {.mode = RUN_SLEEP, .sleep_ms = huge[i]};
+		struct fake_msg *m = msg_new(&r);
+
+		sched_submit_request(s, &m->base);
+		WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
+		usleep(100 * 1000);
+		if (atomic_load(&m->settled) != 0)
+			fail_msg("sleep_ms(%llu) returned at once",
+				 (unsigned long long)huge[i]);
+		sched_cancel_requests(s);
+		WAIT_SETTLED(m, 2000);
+		assert_int_equal(m->outcome, SETTLE_REQUEUE);
+		WAIT_STATUS(s, SLOT_EMPTY, 1, 2000);
+		msg_free(m);
+	}
+	finish(s);
+}
+
+/* A short sleep still ends on time without a cancel. */
+static void
+test_short_sleep_ends_on_time(void **state)
+{
+	struct sched *s = start(1, HELPER_PRIORITY_NORMAL);
+	struct recipe r = {.mode = RUN_SLEEP, .sleep_ms = 20};
+	struct fake_msg *m = msg_new(&r);
+
+	(void)state;
+	sched_submit_request(s, &m->base);
+	WAIT_SETTLED(m, 2000);
+	assert_int_equal(m->outcome, SETTLE_ACK);
+	finish(s);
+	msg_free(m);
+}
+
 /* ---- stress ---- */
 
 struct stress_ctx {
@@ -1433,6 +1488,8 @@ main(void)
 		cmocka_unit_test_setup(test_non_string_task_id_is_dead_lettered, reset_counters),
 		cmocka_unit_test_setup(test_shutdown_lets_short_tasks_finish_and_requeues_long_ones, reset_counters),
 		cmocka_unit_test_setup(test_cancel_requests_requeues_protected_tasks, reset_counters),
+		cmocka_unit_test_setup(test_huge_sleep_lasts_until_cancelled, reset_counters),
+		cmocka_unit_test_setup(test_short_sleep_ends_on_time, reset_counters),
 		cmocka_unit_test_setup(test_stress_every_message_settled_exactly_once, reset_counters),
 	};
 
