@@ -48,10 +48,11 @@ struct occamy_cancel {
 };
 
 /* A control message shared by every task it was routed to; acked when the
- * last of them has handled it. */
+ * last of them has handled it, dead-lettered if a task could not take it. */
 struct control_ref {
 	struct message *m;
 	unsigned refs;
+	bool overflow;   /* some task's backlog was full */
 };
 
 struct control_item {
@@ -83,6 +84,7 @@ struct job {
 	struct control_item *ctl_head, *ctl_tail;
 	unsigned ctl_len;
 	bool ctl_busy, ctl_ready;
+	bool ctl_overflowed;       /* logged once per task */
 	struct job *ready_next;
 };
 
@@ -650,8 +652,10 @@ static void
 control_unref(struct sched *s, struct control_ref *r, struct deferred *d)
 {
 	if (--r->refs == 0) {
-		count_settlement(s, SETTLE_ACK);
-		defer_settle(d, r->m, SETTLE_ACK, NULL);
+		enum settle_outcome o = r->overflow ? SETTLE_DEAD_LETTER : SETTLE_ACK;
+
+		count_settlement(s, o);
+		defer_settle(d, r->m, o, r->overflow ? "control backlog full" : NULL);
 		free(r);
 	}
 }
@@ -686,22 +690,27 @@ ready_push(struct sched *s, struct job *j)
 	pthread_cond_signal(&s->control_cv);
 }
 
+/* A task whose handle() is slower than its control traffic must not grow
+ * memory without bound, nor have messages acked that it never saw, nor
+ * stall the control channel for every other task (as a prefetch would):
+ * beyond its backlog, a message is dead-lettered with a reason. */
 static void
-job_enqueue_control(struct sched *s, struct job *j, struct control_ref *r,
-		    struct deferred *d)
+job_enqueue_control(struct sched *s, struct job *j, struct control_ref *r)
 {
-	struct control_item *it = xcalloc(1, sizeof(*it));
+	struct control_item *it;
 
-	if (j->ctl_len == SCHED_CONTROL_BACKLOG_MAX) {
-		struct control_item *old = j->ctl_head;
-		j->ctl_head = old->next;
-		if (j->ctl_head == NULL)
-			j->ctl_tail = NULL;
-		j->ctl_len--;
-		s->st.control_dropped++;
-		control_unref(s, old->ref, d);
-		free(old);
+	if (j->ctl_len >= SCHED_CONTROL_BACKLOG_MAX) {
+		if (!r->overflow)
+			s->st.control_dropped++;
+		r->overflow = true;
+		if (!j->ctl_overflowed)
+			log_warnx("%s task %s: %u control messages wait for its handle(); "
+				  "more are dead-lettered", slot_status_name(j->kind),
+				  j->task->id, SCHED_CONTROL_BACKLOG_MAX);
+		j->ctl_overflowed = true;
+		return;
 	}
+	it = xcalloc(1, sizeof(*it));
 	r->refs++;
 	it->ref = r;
 	if (j->ctl_tail)
@@ -1387,13 +1396,13 @@ sched_submit_control(struct sched *s, struct message *m)
 		    j->task->ops->handle == NULL)
 			continue;
 		if (strcmp(j->task->id, h->str) == 0)
-			job_enqueue_control(s, j, r, &d);
+			job_enqueue_control(s, j, r);
 	}
 	for (i = 0; i < s->nstore; i++) {
 		j = s->store[i].job;
 		if (j->task->id != NULL && j->task->ops->handle != NULL &&
 		    strcmp(j->task->id, h->str) == 0)
-			job_enqueue_control(s, j, r, &d);
+			job_enqueue_control(s, j, r);
 	}
 	if (r->refs > 1)
 		s->st.control_routed++;

@@ -114,7 +114,8 @@ struct sched_config {
 /* Counters and timings for monitoring; a consistent snapshot. */
 enum sched_drop_reason { DROP_FULL, DROP_EXPIRED, DROP_SHUTDOWN, DROP_REASON_COUNT };
 
-/* Control messages a task may have waiting for its handle(). */
+/* Control messages a task may have waiting for its handle(); one more is
+ * dead-lettered. */
 #define SCHED_CONTROL_BACKLOG_MAX 256
 
 #define SCHED_LATENCY_BUCKETS 12
@@ -140,7 +141,7 @@ struct sched_stats {
 	uint64_t control_routed;      /* control messages matched to >= 1 task */
 	uint64_t control_unmatched;
 	uint64_t control_invalid;
-	uint64_t control_dropped;     /* per-task control backlog overflow */
+	uint64_t control_dropped;     /* dead-lettered: a task's backlog was full */
 	uint64_t completed;           /* tasks that returned, any kind */
 	/* request arrival -> protected task running, histogram and sum */
 	uint64_t admit_latency_buckets[SCHED_LATENCY_BUCKETS + 1];

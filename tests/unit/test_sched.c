@@ -1457,6 +1457,56 @@ test_requests_arriving_during_shutdown_are_held_not_bounced(void **state)
 	msg_free(b);
 }
 
+/* Issue 16, item 6: a control message that a task's full backlog cannot
+ * take is dead-lettered with a reason, never acked unhandled. */
+static void
+test_control_backlog_overflow_is_dead_lettered_not_acked(void **state)
+{
+	enum { EXTRA = 10, N = 1 + SCHED_CONTROL_BACKLOG_MAX + EXTRA };
+	struct sched *s = start(1, HELPER_PRIORITY_NORMAL);
+	struct recipe r = {.mode = RUN_UNTIL_RELEASE, .id = "slow", .handle_gated = true};
+	struct fake_msg *q = msg_new(&r), *ctl[N];
+	struct fake_task *t;
+	struct sched_stats st;
+	unsigned i, acked = 0, dead = 0;
+
+	(void)state;
+	sched_submit_request(s, &q->base);
+	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
+	t = task_of(q);
+	ctl[0] = control_new("slow", false);
+	sched_submit_control(s, &ctl[0]->base);
+	for (i = 0; i < 20000 && atomic_load(&t->handle_entered) == 0; i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&t->handle_entered), 1);
+	for (i = 1; i < N; i++) {
+		ctl[i] = control_new("slow", false);
+		sched_submit_control(s, &ctl[i]->base);
+	}
+	atomic_store(&t->handle_open, true);
+	for (i = 0; i < N; i++) {
+		WAIT_SETTLED(ctl[i], 5000);
+		if (ctl[i]->outcome == SETTLE_ACK) {
+			acked++;
+		} else {
+			assert_int_equal(ctl[i]->outcome, SETTLE_DEAD_LETTER);
+			assert_string_equal(ctl[i]->reason, "control backlog full");
+			dead++;
+		}
+	}
+	assert_int_equal(acked, atomic_load(&t->handled));
+	assert_int_equal(acked, 1 + SCHED_CONTROL_BACKLOG_MAX);
+	assert_int_equal(dead, EXTRA);
+	sched_get_stats(s, &st);
+	assert_int_equal(st.control_dropped, EXTRA);
+	atomic_store(&t->released, true);
+	WAIT_SETTLED(q, 2000);
+	finish(s);
+	msg_free(q);
+	for (i = 0; i < N; i++)
+		msg_free(ctl[i]);
+}
+
 /* ---- stress ---- */
 
 struct stress_ctx {
@@ -1619,6 +1669,7 @@ main(void)
 		cmocka_unit_test_setup(test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection, reset_counters),
 		cmocka_unit_test_setup(test_slot_stuck_after_a_lost_connection_requeues_at_a_bounded_rate, reset_counters),
 		cmocka_unit_test_setup(test_requests_arriving_during_shutdown_are_held_not_bounced, reset_counters),
+		cmocka_unit_test_setup(test_control_backlog_overflow_is_dead_lettered_not_acked, reset_counters),
 		cmocka_unit_test_setup(test_stress_every_message_settled_exactly_once, reset_counters),
 	};
 
