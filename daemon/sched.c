@@ -1063,8 +1063,12 @@ reaper_main(void *arg)
 		w = atomic_exchange(&s->finished_helpers, NULL);
 		pthread_mutex_lock(&s->mu);
 		for (; w != NULL; w = next) {
+			/* A copy: run_finished() frees w for a new helper, which
+			 * writes w->out, before it is done reading the output. */
+			struct occamy_output out = w->out;
+
 			next = w->next_finished;
-			run_finished(s, w, w->job, w->status, &w->out);
+			run_finished(s, w, w->job, w->status, &out);
 		}
 		quit = s->quit && atomic_load(&s->finished_helpers) == NULL;
 		pthread_mutex_unlock(&s->mu);
