@@ -30,8 +30,10 @@
 #include "log.h"
 #include "sched.h"
 
-#define CONTROL_BACKLOG_MAX 256 /* per task; oldest dropped beyond */
 #define DISPATCHERS_MAX 64
+/* A request that finds no slot is held at least this long before it goes
+ * back to the broker, which would hand it straight back otherwise. */
+#define REQUEUE_HOLD_MIN_MS 1000
 #define EXPANSION_ROUNDS_MAX 8
 
 const double sched_latency_bounds_s[SCHED_LATENCY_BUCKETS] = {
@@ -46,10 +48,11 @@ struct occamy_cancel {
 };
 
 /* A control message shared by every task it was routed to; acked when the
- * last of them has handled it. */
+ * last of them has handled it, dead-lettered if a task could not take it. */
 struct control_ref {
 	struct message *m;
 	unsigned refs;
+	bool overflow;   /* some task's backlog was full */
 };
 
 struct control_item {
@@ -74,10 +77,14 @@ struct job {
 	struct occamy_cancel cancel;
 	struct worker *worker;
 	struct job *prev, *next;   /* s->running */
+	struct job *wait_next;     /* s->wait_head: held for a slot */
+	uint64_t wait_deadline_ns;
+	bool wait_for_kill;        /* held for a cancelled task within kill_timeout */
 
 	struct control_item *ctl_head, *ctl_tail;
 	unsigned ctl_len;
 	bool ctl_busy, ctl_ready;
+	bool ctl_overflowed;       /* logged once per task */
 	struct job *ready_next;
 };
 
@@ -136,6 +143,8 @@ struct sched {
 	struct worker *workers;     /* [0, nslots) protected, [nslots, 2n) helpers */
 	struct worker *free_protected, *free_helpers;
 	struct job *running;
+	struct job *wait_head, *wait_tail; /* requests held for any slot, FIFO */
+	unsigned nwaiting;
 	unsigned long next_serial;
 	bool helpers_idle;          /* SCHED_IDLE actually in force */
 
@@ -487,14 +496,171 @@ kick_expansion_if_useful(struct sched *s)
 	}
 }
 
+/* ---- requests without a slot ---- */
+
+/* Requeue the message of a job that never started; its task (if made) is
+ * destroyed after the lock, through d. */
+static void
+unstarted_requeue(struct sched *s, struct job *p, const char *reason, struct deferred *d)
+{
+	count_settlement(s, SETTLE_REQUEUE);
+	defer_settle(d, p->msg, SETTLE_REQUEUE, reason);
+	defer_destroy(d, p->task);
+	cancel_destroy(&p->cancel);
+	free(p);
+}
+
+/* Give up on the admission waiting for slot i. */
+static void
+pending_requeue(struct sched *s, unsigned i, const char *reason, struct deferred *d)
+{
+	struct job *p = s->slots[i].pending;
+
+	s->slots[i].pending = NULL;
+	unstarted_requeue(s, p, reason, d);
+}
+
+/*
+ * Requests held for a slot.  The broker's prefetch counts only deliveries
+ * of the current channel, so slots may be taken by work it does not see: a
+ * task cancelled with a lost connection, a helper that ignores its cancel
+ * (stuck), or, with prefetch > slots, simply the other deliveries.  A
+ * request requeued at once would come straight back: a tight loop.  Held,
+ * it keeps its prefetch credit, so the broker stops sending; it takes the
+ * first slot that frees.  It goes back to the broker after kill_timeout if
+ * a cancelled task is about to free a slot, else after
+ * max(kill_timeout, REQUEUE_HOLD_MIN_MS), so each delivery is requeued at
+ * most once per hold, and prefetch bounds how many are held.  During
+ * shutdown the consumer stays open, so arrivals are held the same way and
+ * never start.
+ *
+ * Caller holds s->mu for all of these.
+ */
+
+#define REASON_KILL_TIMEOUT "kill timeout: no slot freed in time"
+
+/* A cancelled task may still free its slot within kill_timeout. */
+static bool
+slot_freeing_soon(const struct sched *s, uint64_t now)
+{
+	uint64_t kill_ns = (uint64_t)s->cfg.kill_timeout_ms * 1000000u;
+	unsigned i;
+
+	for (i = 0; i < s->nslots; i++) {
+		const struct job *j = s->slots[i].job;
+
+		if (s->slots[i].pending == NULL && j != NULL && j->cancelled &&
+		    j->cancel_ns + kill_ns > now)
+			return true;
+	}
+	return false;
+}
+
+static void
+waiting_add(struct sched *s, struct job *j)
+{
+	uint64_t now = now_ns();
+	uint64_t kill_ns = (uint64_t)s->cfg.kill_timeout_ms * 1000000u;
+	uint64_t hold = (uint64_t)REQUEUE_HOLD_MIN_MS * 1000000u;
+
+	j->wait_for_kill = !s->stopping && slot_freeing_soon(s, now);
+	if (j->wait_for_kill || kill_ns > hold)
+		hold = kill_ns;
+	j->wait_deadline_ns = now + hold;
+	j->wait_next = NULL;
+	if (s->wait_tail)
+		s->wait_tail->wait_next = j;
+	else
+		s->wait_head = j;
+	s->wait_tail = j;
+	s->nwaiting++;
+	kick_expansion(s); /* arms the timer */
+}
+
+static struct job *
+waiting_pop(struct sched *s)
+{
+	struct job *j = s->wait_head;
+
+	if (j == NULL)
+		return NULL;
+	s->wait_head = j->wait_next;
+	if (s->wait_head == NULL)
+		s->wait_tail = NULL;
+	j->wait_next = NULL;
+	s->nwaiting--;
+	return j;
+}
+
+/* Requeue the held requests whose hold is over, or all of them with
+ * reason all_reason; returns the earliest deadline left. */
+static uint64_t
+waiting_expire(struct sched *s, const char *all_reason, struct deferred *d)
+{
+	struct job **pp = &s->wait_head, *j;
+	uint64_t now = now_ns(), next = UINT64_MAX;
+	const char *reason;
+
+	s->wait_tail = NULL;
+	while ((j = *pp) != NULL) {
+		if (all_reason == NULL && j->wait_deadline_ns > now) {
+			if (j->wait_deadline_ns < next)
+				next = j->wait_deadline_ns;
+			s->wait_tail = j;
+			pp = &j->wait_next;
+			continue;
+		}
+		*pp = j->wait_next;
+		s->nwaiting--;
+		if (all_reason != NULL) {
+			reason = all_reason;
+		} else if (s->stopping) {
+			reason = "shutting down";
+		} else if (j->wait_for_kill) {
+			s->st.requeued_kill_timeout++;
+			log_warnx("a cancelled task ignored cancellation for %u ms: request "
+				  "requeued, its slot stuck until it returns",
+				  s->cfg.kill_timeout_ms);
+			reason = REASON_KILL_TIMEOUT;
+		} else {
+			s->st.requeued_no_room++;
+			reason = "no free slot";
+		}
+		unstarted_requeue(s, j, reason, d);
+	}
+	return next;
+}
+
+/* Slot i's job left it: the admission reserved on it, else the oldest held
+ * request, takes it.  The leaving job's worker must be back on its free
+ * list already: job_start may need it. */
+static void
+slot_release(struct sched *s, unsigned i)
+{
+	struct slot *sl = &s->slots[i];
+	struct job *p = sl->pending;
+
+	sl->job = NULL;
+	sl->status = SLOT_EMPTY;
+	if (p != NULL) {
+		sl->pending = NULL;
+		job_start(s, p, i);
+	} else if (!s->stopping && (p = waiting_pop(s)) != NULL) {
+		s->st.admitted++;
+		job_start(s, p, i);
+	}
+}
+
 /* ---- control routing ---- */
 
 static void
 control_unref(struct sched *s, struct control_ref *r, struct deferred *d)
 {
 	if (--r->refs == 0) {
-		count_settlement(s, SETTLE_ACK);
-		defer_settle(d, r->m, SETTLE_ACK, NULL);
+		enum settle_outcome o = r->overflow ? SETTLE_DEAD_LETTER : SETTLE_ACK;
+
+		count_settlement(s, o);
+		defer_settle(d, r->m, o, r->overflow ? "control backlog full" : NULL);
 		free(r);
 	}
 }
@@ -529,22 +695,27 @@ ready_push(struct sched *s, struct job *j)
 	pthread_cond_signal(&s->control_cv);
 }
 
+/* A task whose handle() is slower than its control traffic must not grow
+ * memory without bound, nor have messages acked that it never saw, nor
+ * stall the control channel for every other task (as a prefetch would):
+ * beyond its backlog, a message is dead-lettered with a reason. */
 static void
-job_enqueue_control(struct sched *s, struct job *j, struct control_ref *r,
-		    struct deferred *d)
+job_enqueue_control(struct sched *s, struct job *j, struct control_ref *r)
 {
-	struct control_item *it = xcalloc(1, sizeof(*it));
+	struct control_item *it;
 
-	if (j->ctl_len == CONTROL_BACKLOG_MAX) {
-		struct control_item *old = j->ctl_head;
-		j->ctl_head = old->next;
-		if (j->ctl_head == NULL)
-			j->ctl_tail = NULL;
-		j->ctl_len--;
-		s->st.control_dropped++;
-		control_unref(s, old->ref, d);
-		free(old);
+	if (j->ctl_len >= SCHED_CONTROL_BACKLOG_MAX) {
+		if (!r->overflow)
+			s->st.control_dropped++;
+		r->overflow = true;
+		if (!j->ctl_overflowed)
+			log_warnx("%s task %s: %u control messages wait for its handle(); "
+				  "more are dead-lettered", slot_status_name(j->kind),
+				  j->task->id, SCHED_CONTROL_BACKLOG_MAX);
+		j->ctl_overflowed = true;
+		return;
 	}
+	it = xcalloc(1, sizeof(*it));
 	r->refs++;
 	it->ref = r;
 	if (j->ctl_tail)
@@ -565,8 +736,7 @@ helper_stop(struct sched *s, struct job *j)
 {
 	job_cancel(j);
 	if (s->helpers_idle && j->slot >= 0 && s->slots[j->slot].pending == NULL) {
-		s->slots[j->slot].job = NULL;
-		s->slots[j->slot].status = SLOT_EMPTY;
+		slot_release(s, (unsigned)j->slot);
 		j->slot = -1;
 		kick_expansion(s);
 	}
@@ -620,21 +790,6 @@ running_unlink(struct sched *s, struct job *j)
 	j->prev = j->next = NULL;
 }
 
-/* Give up on the admission waiting for slot i: requeue its message; the
- * task never ran, so it is destroyed (after the lock, through d). */
-static void
-pending_requeue(struct sched *s, unsigned i, const char *reason, struct deferred *d)
-{
-	struct job *p = s->slots[i].pending;
-
-	s->slots[i].pending = NULL;
-	count_settlement(s, SETTLE_REQUEUE);
-	defer_settle(d, p->msg, SETTLE_REQUEUE, reason);
-	defer_destroy(d, p->task);
-	cancel_destroy(&p->cancel);
-	free(p);
-}
-
 /* The worker returned from run(): free the slot (or hand it to a pending
  * admission), end the job's helpers, and decide the settlement. */
 static void
@@ -650,14 +805,7 @@ job_finish(struct sched *s, struct job *j, enum occamy_status st,
 	running_unlink(s, j);
 
 	if (j->slot >= 0) {
-		struct slot *sl = &s->slots[j->slot];
-		sl->job = NULL;
-		sl->status = SLOT_EMPTY;
-		if (sl->pending != NULL) {
-			struct job *p = sl->pending;
-			sl->pending = NULL;
-			job_start(s, p, (unsigned)j->slot);
-		}
+		slot_release(s, (unsigned)j->slot);
 		j->slot = -1;
 	}
 	if (j->kind == SLOT_PROTECTED) {
@@ -738,15 +886,15 @@ worker_make_task(struct sched *s, struct worker *w, struct job *j)
 		o = outcome_of(st, false);
 		s->st.make_task_errors++;
 	}
-	/* Undo the reservation: nothing ran. */
+	/* Undo the reservation: nothing ran.  The worker first: the slot may
+	 * go to a held request (and so to this worker) at once. */
 	running_unlink(s, j);
-	s->slots[j->slot].job = NULL;
-	s->slots[j->slot].status = SLOT_EMPTY;
-	count_settlement(s, o);
-	s->settling++;
 	w->job = NULL;
 	w->next_free = s->free_protected;
 	s->free_protected = w;
+	slot_release(s, (unsigned)j->slot);
+	count_settlement(s, o);
+	s->settling++;
 	kick_expansion_if_useful(s);
 	pthread_mutex_unlock(&s->mu);
 	if (t != NULL)
@@ -775,9 +923,7 @@ run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_statu
 	bool was_cancelled = j->cancelled;
 
 	snprintf(group, sizeof(group), "%s", j->task->group);
-	job_finish(s, j, st, out, &d, &set, &msg, &seconds);
-	if (msg != NULL)
-		s->settling++; /* shutdown waits for it */
+	/* The worker first: the freed slot may go to a held request at once. */
 	w->job = NULL;
 	j->worker = NULL;
 	w->next_free = w->helper_pool ? s->free_helpers : s->free_protected;
@@ -785,6 +931,9 @@ run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_statu
 		s->free_helpers = w;
 	else
 		s->free_protected = w;
+	job_finish(s, j, st, out, &d, &set, &msg, &seconds);
+	if (msg != NULL)
+		s->settling++; /* shutdown waits for it */
 	job_unref(s, j, &d);
 	pthread_mutex_unlock(&s->mu);
 
@@ -919,8 +1068,12 @@ reaper_main(void *arg)
 		w = atomic_exchange(&s->finished_helpers, NULL);
 		pthread_mutex_lock(&s->mu);
 		for (; w != NULL; w = next) {
+			/* A copy: run_finished() frees w for a new helper, which
+			 * writes w->out, before it is done reading the output. */
+			struct occamy_output out = w->out;
+
 			next = w->next_finished;
-			run_finished(s, w, w->job, w->status, &w->out);
+			run_finished(s, w, w->job, w->status, &out);
 		}
 		quit = s->quit && atomic_load(&s->finished_helpers) == NULL;
 		pthread_mutex_unlock(&s->mu);
@@ -982,22 +1135,6 @@ choose_victim(const struct sched *s)
 	return best;
 }
 
-/* A slot whose helper was cancelled and is still returning, with nobody
- * waiting for it yet; -1 if none. */
-static int
-slot_to_wait_for(const struct sched *s)
-{
-	unsigned i;
-
-	for (i = 0; i < s->nslots; i++) {
-		const struct slot *sl = &s->slots[i];
-		if (sl->pending == NULL && sl->job != NULL && sl->job->cancelled &&
-		    sl->status != SLOT_PROTECTED)
-			return (int)i;
-	}
-	return -1;
-}
-
 static void
 admit_one(struct sched *s, struct message *m)
 {
@@ -1009,9 +1146,9 @@ admit_one(struct sched *s, struct message *m)
 
 	pthread_mutex_lock(&s->mu);
 	if (s->stopping) {
-		count_settlement(s, SETTLE_REQUEUE);
+		/* Held, not requeued (see waiting_add); no task: it never runs. */
+		waiting_add(s, job_new(s, NULL, m, SLOT_PROTECTED, 0));
 		pthread_mutex_unlock(&s->mu);
-		m->ops->settle(m, &(struct settlement){SETTLE_REQUEUE, "shutting down", NULL, 0, NULL});
 		return;
 	}
 	pthread_mutex_unlock(&s->mu);
@@ -1030,9 +1167,7 @@ admit_one(struct sched *s, struct message *m)
 
 	pthread_mutex_lock(&s->mu);
 	if (s->stopping) {
-		count_settlement(s, SETTLE_REQUEUE);
-		defer_settle(&d, m, SETTLE_REQUEUE, "shutting down");
-		defer_destroy(&d, t);
+		waiting_add(s, job_new(s, t, m, SLOT_PROTECTED, 0));
 		goto out;
 	}
 	/* A protected request may take any empty slot, the buffer included. */
@@ -1044,24 +1179,10 @@ admit_one(struct sched *s, struct message *m)
 		goto out;
 	}
 	victim = choose_victim(s);
-	if (victim < 0 && (slot = slot_to_wait_for(s)) >= 0) {
-		/* A helper was told to stop but has not returned yet: wait for
-		 * its slot like a preemption does.  Requeueing at once would
-		 * only bring the message straight back (its slot holds no
-		 * delivery, so prefetch does not hold it off): a tight loop. */
-		s->st.admitted++;
-		s->slots[slot].pending = job_new(s, t, m, SLOT_PROTECTED, 0);
-		s->slots[slot].pending_deadline_ns = now_ns() +
-			(uint64_t)s->cfg.kill_timeout_ms * 1000000u;
-		kick_expansion(s); /* arms the kill timer */
-		goto out;
-	}
 	if (victim < 0) {
-		/* Protected tasks fill the server: another server may have room. */
-		s->st.requeued_no_room++;
-		count_settlement(s, SETTLE_REQUEUE);
-		defer_settle(&d, m, SETTLE_REQUEUE, "no free slot");
-		defer_destroy(&d, t);
+		/* Every slot is protected or cancelled: wait for one to free,
+		 * within bounds (see waiting_add). */
+		waiting_add(s, job_new(s, t, m, SLOT_PROTECTED, 0));
 		goto out;
 	}
 	s->st.preemptions++;
@@ -1284,13 +1405,13 @@ sched_submit_control(struct sched *s, struct message *m)
 		    j->task->ops->handle == NULL)
 			continue;
 		if (strcmp(j->task->id, h->str) == 0)
-			job_enqueue_control(s, j, r, &d);
+			job_enqueue_control(s, j, r);
 	}
 	for (i = 0; i < s->nstore; i++) {
 		j = s->store[i].job;
 		if (j->task->id != NULL && j->task->ops->handle != NULL &&
 		    strcmp(j->task->id, h->str) == 0)
-			job_enqueue_control(s, j, r, &d);
+			job_enqueue_control(s, j, r);
 	}
 	if (r->refs > 1)
 		s->st.control_routed++;
@@ -1507,11 +1628,12 @@ expansion_pass(struct sched *s, struct deferred *d)
 	}
 }
 
-/* Kill timeouts: requeue admissions whose helper did not stop in time. */
+/* Kill timeouts: requeue admissions whose helper did not stop in time, and
+ * held requests whose hold is over. */
 static uint64_t
 check_kill_timeouts(struct sched *s, struct deferred *d)
 {
-	uint64_t now = now_ns(), next = UINT64_MAX;
+	uint64_t now = now_ns(), next = UINT64_MAX, kt;
 	uint64_t kill_ns = (uint64_t)s->cfg.kill_timeout_ms * 1000000u;
 	unsigned i;
 	struct job *j;
@@ -1531,8 +1653,10 @@ check_kill_timeouts(struct sched *s, struct deferred *d)
 		log_warnx("slot %u: %s helper ignored cancellation for %u ms; "
 			  "request requeued, slot stuck until it returns",
 			  i, sl->job ? sl->job->task->group : "?", s->cfg.kill_timeout_ms);
-		pending_requeue(s, i, "kill timeout: no slot freed in time", d);
+		pending_requeue(s, i, REASON_KILL_TIMEOUT, d);
 	}
+	if ((kt = waiting_expire(s, NULL, d)) < next)
+		next = kt;
 	/* Wake up again when a cancelled job would turn stuck, for the count. */
 	for (j = s->running; j != NULL; j = j->next)
 		if (j->cancelled && j->cancel_ns + kill_ns > now &&
@@ -1739,6 +1863,7 @@ sched_cancel_requests(struct sched *s)
 	for (i = 0; i < s->nslots; i++)
 		if (s->slots[i].pending != NULL)
 			pending_requeue(s, i, "connection lost", &d);
+	waiting_expire(s, "connection lost", &d);
 	pthread_mutex_unlock(&s->mu);
 	deferred_run(&d);
 }
@@ -1845,6 +1970,10 @@ sched_shutdown(struct sched *s)
 	}
 
 	pthread_mutex_lock(&s->mu);
+	waiting_expire(s, "shutting down", &d);
+	pthread_mutex_unlock(&s->mu);
+	deferred_run(&d);
+	pthread_mutex_lock(&s->mu);
 	while ((m = msgq_pop(&s->admissions)) != NULL) {
 		count_settlement(s, SETTLE_REQUEUE);
 		pthread_mutex_unlock(&s->mu);
@@ -1923,6 +2052,7 @@ sched_get_stats(struct sched *s, struct sched_stats *out)
 			out->stuck++;
 	}
 	out->external_queued = s->nstore;
+	out->waiting = s->nwaiting;
 	pthread_mutex_unlock(&s->mu);
 }
 

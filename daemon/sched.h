@@ -114,6 +114,10 @@ struct sched_config {
 /* Counters and timings for monitoring; a consistent snapshot. */
 enum sched_drop_reason { DROP_FULL, DROP_EXPIRED, DROP_SHUTDOWN, DROP_REASON_COUNT };
 
+/* Control messages a task may have waiting for its handle(); one more is
+ * dead-lettered. */
+#define SCHED_CONTROL_BACKLOG_MAX 256
+
 #define SCHED_LATENCY_BUCKETS 12
 extern const double sched_latency_bounds_s[SCHED_LATENCY_BUCKETS];
 
@@ -123,6 +127,7 @@ struct sched_stats {
 	unsigned stuck;      /* slots (or draining helpers) past kill_timeout */
 	unsigned draining;   /* cancelled helpers still returning */
 	unsigned external_queued;
+	unsigned waiting;    /* requests held for a slot (or through shutdown) */
 	uint64_t requests;            /* requests handed to the scheduler */
 	uint64_t admitted;
 	uint64_t preemptions;
@@ -136,7 +141,7 @@ struct sched_stats {
 	uint64_t control_routed;      /* control messages matched to >= 1 task */
 	uint64_t control_unmatched;
 	uint64_t control_invalid;
-	uint64_t control_dropped;     /* per-task control backlog overflow */
+	uint64_t control_dropped;     /* dead-lettered: a task's backlog was full */
 	uint64_t completed;           /* tasks that returned, any kind */
 	/* request arrival -> protected task running, histogram and sum */
 	uint64_t admit_latency_buckets[SCHED_LATENCY_BUCKETS + 1];

@@ -49,9 +49,9 @@ import pika
 
 sys.path.insert(0, os.path.dirname(__file__))
 from occamy_test import (ROOT, SCALE, Daemon, ReplyQueue, broker_ctl,  # noqa: E402
-                         broker_restart, connect, free_port, note, publish_control,
-                         publish_request, queue_counts, rpc, run_tests, skip, timeout,
-                         wait_until)
+                         broker_restart, channel, connect, free_port, get_dead_letters,
+                         note, publish_control, publish_request, queue_counts, rpc,
+                         run_tests, skip, timeout, wait_until)
 
 SCALE_N = float(os.environ.get("OCCAMY_FAULT_REQUESTS", 0)) / 3000 or 1.0
 AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
@@ -480,6 +480,86 @@ def test_stuck_helper_with_normal_priority_does_not_spin_requeues():
             f"{spins:.0f} 'no free slot' requeues in {took:.1f}s: the request bounced between "
             "the broker and this daemon while a stuck helper held a slot")
         assert d.stop() == 0
+
+
+@timeout(120)
+def test_reconnect_with_a_stubborn_task_does_not_spin_requeues():
+    # Issue 16: slots = 1, a task that ignores cancellation for seconds, one
+    # more request queued, then the broker closes the connection.  The old
+    # task still holds the slot; the new channel's prefetch (= slots) does
+    # not count it, so the broker delivers at once.  That delivery must wait
+    # for the slot, not bounce "no free slot" thousands of times a second;
+    # every request still completes exactly once.
+    port = free_port()
+    with Daemon(["stubborn", "noop"], slots=1, kill_timeout_ms=300, shutdown_grace_s=1,
+                metrics_listen=f"127.0.0.1:{port}") as d, Collector() as col:
+        # The collector's durable queue keeps replies while its own
+        # connection is closed too.
+        publish_request(d, "stubborn", b"5000", task_id="s", reply_to=col.queue,
+                        correlation_id="stubborn")
+        wait_until(lambda: slots(scrape(port))["protected"] == 1, 10, what="stubborn running")
+        publish_request(d, "noop", b"queued", reply_to=col.queue, correlation_id="queued")
+        wait_until(lambda: queue_counts(d)[0] == 1, 10, what="one request queued behind it")
+        pos = d.log_size()
+        v0 = scrape(port)
+        broker_ctl("close_all_connections", "test: issue 16")
+        d.wait_log(r"AMQP connection to .* lost", timeout=30, after=pos)
+        d.wait_log(r"connected to", timeout=30, after=d.log().index(" lost", pos))
+        t0 = time.monotonic()
+        time.sleep(10)
+        v = scrape(port)
+        key = 'occamy_settlements_total{outcome="requeue"}'
+        requeues = v[key] - v0[key]
+        col.wait_for(["stubborn", "queued"], 30, "after the reconnect")
+        time.sleep(1)  # a second run would have replied by now
+        counts, bodies = col.snapshot()
+        no_room = v['occamy_requeued_total{reason="no_room"}']
+        killed = v['occamy_requeued_total{reason="kill_timeout"}']
+        note(f"after the reconnect: {requeues:.0f} requeues in {time.monotonic() - t0:.0f} s "
+             f"(no_room {no_room:.0f}, kill_timeout {killed:.0f}); replies {dict(counts)}")
+        assert requeues < 20, f"{requeues:.0f} requeues in 10 s: the delivery bounced"
+        assert counts == {"stubborn": 1, "queued": 1}, counts
+        assert bodies["queued"] == b"queued", bodies
+        assert d.stop() == 0
+
+
+@timeout(120)
+def test_slow_control_handler_gets_every_message_or_a_dead_letter():
+    # Issue 16, item 6: a task whose handle() is slow has a bounded backlog.
+    # What does not fit is dead-lettered with a reason, never acked unseen.
+    n = 400
+    log = recorder_log()
+    try:
+        with Daemon({"recorder": {"log": log, "handle_ms": 30}}, slots=1,
+                    shutdown_grace_s=1) as d:
+            publish_request(d, "recorder", b"120000", task_id="slow")
+            wait_until(lambda: any(l[3] == "slow" for l in recorder_lines(log, "start")), 10,
+                       what="the recorder task running")
+            with channel(confirm=False) as ch:
+                for i in range(n):
+                    publish_control(d, "slow", f"c{i}".encode(), ch=ch)
+
+            def handled():
+                return [l[4] for l in recorder_lines(log, "handle") if l[2] == "slow"]
+            dead = []
+
+            def accounted():
+                dead.extend(get_dead_letters(d, timeout=0))
+                return len(handled()) + len(dead) >= n
+            wait_until(accounted, 60, 0.2, "every control message handled or dead-lettered")
+            time.sleep(1)
+            dead.extend(get_dead_letters(d, timeout=0))
+            seen = handled()
+            dead_bodies = [b.decode() for _, b in dead]
+            reasons = collections.Counter(h.get("x-occamy-error") for h, _ in dead)
+            note(f"{n} control messages to a task with a 30 ms handle(): {len(seen)} handled, "
+                 f"{len(dead)} dead-lettered {dict(reasons)}")
+            assert sorted(seen + dead_bodies) == sorted(f"c{i}" for i in range(n))
+            assert dead, "the backlog never overflowed: the test proves nothing"
+            assert set(reasons) == {"control backlog full"}, reasons
+            assert d.stop() == 0
+    finally:
+        os.unlink(log)
 
 
 class CrashingDaemon(Daemon):

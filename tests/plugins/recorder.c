@@ -32,6 +32,7 @@ static const char *const rec_kind_names[] = {"master", "helper", "external"};
 
 struct rec_state {
 	int fd; /* the log, O_APPEND */
+	unsigned handle_ms; /* each task_handle takes this long (a slow handler) */
 };
 
 struct rec_task {
@@ -107,17 +108,28 @@ static int
 rec_init(struct occamy_host *host, const struct occamy_option *options, size_t noptions,
 	 char *err, size_t errlen)
 {
-	const char *path = NULL;
+	const char *path = NULL, *handle_ms = "0";
 	struct rec_state *st;
+	char *end;
+	unsigned long v;
 	size_t i;
 
 	for (i = 0; i < noptions; i++) {
 		if (strcmp(options[i].key, "log") == 0)
 			path = options[i].value;
+		else if (strcmp(options[i].key, "handle_ms") == 0)
+			handle_ms = options[i].value;
 		else {
-			snprintf(err, errlen, "unknown option '%s' (known: log)", options[i].key);
+			snprintf(err, errlen, "unknown option '%s' (known: log, handle_ms)",
+				 options[i].key);
 			return -1;
 		}
+	}
+	errno = 0;
+	v = strtoul(handle_ms, &end, 10);
+	if (errno != 0 || end == handle_ms || *end != '\0' || v > 60000) {
+		snprintf(err, errlen, "option 'handle_ms' must be 0..60000");
+		return -1;
 	}
 	if (path == NULL || path[0] == '\0') {
 		snprintf(err, errlen, "option 'log = PATH' is required");
@@ -125,6 +137,7 @@ rec_init(struct occamy_host *host, const struct occamy_option *options, size_t n
 	}
 	if ((st = calloc(1, sizeof(*st))) == NULL)
 		abort();
+	st->handle_ms = (unsigned)v;
 	st->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
 	if (st->fd == -1) {
 		snprintf(err, errlen, "cannot open log '%s': %s", path, strerror(errno));
@@ -301,6 +314,7 @@ rec_task_handle(void *task, const struct occamy_headers *headers, const void *bo
 		size_t len)
 {
 	struct rec_task *t = task;
+	const struct rec_state *st = t->host->plugin_state;
 	char safe[REC_HANDLE_BODY_MAX + 1];
 	const unsigned char *b = body;
 	size_t i;
@@ -313,6 +327,13 @@ rec_task_handle(void *task, const struct occamy_headers *headers, const void *bo
 	safe[len] = '\0';
 	rec_line(t->host, "%llu handle %s %ld %s", (unsigned long long)rec_now_ns(),
 		 t->log_id, (long)getpid(), safe);
+	if (st->handle_ms > 0) {
+		struct timespec left = {(time_t)(st->handle_ms / 1000),
+					(long)(st->handle_ms % 1000) * 1000000L};
+
+		while (nanosleep(&left, &left) == -1 && errno == EINTR)
+			;
+	}
 }
 
 static void

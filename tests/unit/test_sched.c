@@ -42,6 +42,7 @@ struct recipe {
 	unsigned expand_max;           /* helpers it will create per call */
 	unsigned expand_total;         /* stop expanding after this many (0 = no limit) */
 	bool gated;                    /* expand waits for the test's go */
+	bool handle_gated;             /* handle waits for the test's go */
 	enum run_mode child_mode;
 	const char *id;
 	int priority;
@@ -53,6 +54,8 @@ struct fake_task {
 	struct recipe r;
 	atomic_bool released;
 	atomic_bool expanding, gate_open;
+	atomic_bool handle_open;
+	atomic_int handle_entered;
 	atomic_int running;
 	atomic_int handled;
 	atomic_uint expand_max;       /* tests may change it while running */
@@ -161,6 +164,9 @@ fake_handle(struct task *t, const struct occamy_headers *h, const void *body, si
 	(void)h;
 	(void)body;
 	(void)len;
+	atomic_fetch_add(&f->handle_entered, 1);
+	while (f->r.handle_gated && !atomic_load(&f->handle_open))
+		usleep(100);
 	atomic_fetch_add(&f->handled, 1);
 }
 
@@ -682,32 +688,54 @@ test_buffer_slots_stay_empty_for_requests(void **state)
 	msg_free(m2);
 }
 
+/* prefetch > slots: a request that finds every slot protected waits for
+ * one (a first that frees takes it) and is requeued only after the hold, so
+ * it cannot bounce between broker and daemon. */
 static void
-test_full_of_protected_tasks_requeues_the_request(void **state)
+test_full_of_protected_tasks_holds_the_request_then_requeues_it_once(void **state)
 {
-	struct sched *s = start(2, HELPER_PRIORITY_NORMAL);
+	struct sched *s = start(2, HELPER_PRIORITY_NORMAL); /* kill_timeout 200 ms */
 	struct recipe r = {.mode = RUN_UNTIL_RELEASE};
-	struct fake_msg *a = msg_new(&r), *b = msg_new(&r), *c = msg_new(&r);
+	struct recipe quick = {.mode = RUN_OK};
+	struct fake_msg *a = msg_new(&r), *b = msg_new(&r), *c = msg_new(&quick), *d;
 	struct sched_stats st;
+	uint64_t t0;
 
 	(void)state;
 	sched_submit_request(s, &a->base);
 	sched_submit_request(s, &b->base);
 	WAIT_STATUS(s, SLOT_PROTECTED, 2, 2000);
+	t0 = mono_ns();
 	sched_submit_request(s, &c->base);
-	WAIT_SETTLED(c, 2000);
+	usleep(300000);
+	assert_int_equal(atomic_load(&c->settled), 0); /* held, not bounced */
+	sched_get_stats(s, &st);
+	assert_int_equal(st.waiting, 1);
+	WAIT_SETTLED(c, 3000);
 	assert_int_equal(c->outcome, SETTLE_REQUEUE);
 	assert_string_equal(c->reason, "no free slot");
+	assert_true(mono_ns() - t0 >= 990000000u); /* the hold: 1 s at least */
 	sched_get_stats(s, &st);
 	assert_int_equal(st.requeued_no_room, 1);
+	assert_int_equal(st.waiting, 0);
+
+	/* A waiting request takes the first slot that frees. */
+	d = msg_new(&quick);
+	sched_submit_request(s, &d->base);
+	usleep(50000);
+	assert_int_equal(atomic_load(&d->settled), 0);
+	atomic_store(&task_of(a)->released, true);
+	WAIT_SETTLED(a, 2000);
+	WAIT_SETTLED(d, 2000);
+	assert_int_equal(d->outcome, SETTLE_ACK);
 	sched_shutdown(s);
 	/* Shutdown past the grace requeues protected work. */
-	assert_int_equal(a->outcome, SETTLE_REQUEUE);
 	assert_int_equal(b->outcome, SETTLE_REQUEUE);
 	finish(s);
 	msg_free(a);
 	msg_free(b);
 	msg_free(c);
+	msg_free(d);
 }
 
 static void
@@ -1329,6 +1357,211 @@ test_short_sleep_ends_on_time(void **state)
 	msg_free(m);
 }
 
+static bool
+is_running(void *arg)
+{
+	return atomic_load(&((struct fake_task *)arg)->running) > 0;
+}
+
+/* Inside run(), past make_task: a cancel now reaches a running task. */
+static void
+wait_running(struct fake_task *t)
+{
+	if (!wait_for(is_running, t, 2000))
+		fail_msg("task not running within 2 s");
+}
+
+/* Plays the broker for one request: each time the scheduler requeues it, it
+ * comes straight back (a new fake message, as a redelivery is), until it is
+ * settled otherwise or ms pass.  Returns the number of requeues; *last is the
+ * final delivery (maybe still unsettled). */
+static unsigned
+redeliver_until_done(struct sched *s, const struct recipe *r, unsigned ms,
+		     struct fake_msg **last)
+{
+	uint64_t end = mono_ns() + (uint64_t)ms * time_scale() * 1000000u;
+	unsigned requeues = 0;
+
+	for (;;) {
+		struct fake_msg *m = msg_new(r);
+
+		sched_submit_request(s, &m->base);
+		while (!is_settled(m) && mono_ns() < end)
+			usleep(100);
+		if (!is_settled(m) || m->outcome != SETTLE_REQUEUE || mono_ns() >= end) {
+			*last = m;
+			return requeues;
+		}
+		requeues++;
+		msg_free(m);
+	}
+}
+
+/* Issue 16: after a reconnect the cancelled task still holds its slot, but
+ * the new channel's prefetch does not count it.  The next delivery waits
+ * for that slot instead of bouncing "no free slot". */
+static void
+test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection(void **state)
+{
+	struct sched_config cfg = base_config(1);
+	struct recipe slow = {.mode = RUN_STUBBORN, .stubborn_ms = 300};
+	struct recipe quick = {.mode = RUN_OK};
+	struct fake_msg *a = msg_new(&slow), *b;
+	struct sched_stats st;
+	struct sched *s;
+	unsigned requeues;
+
+	(void)state;
+	cfg.kill_timeout_ms = 2000;
+	s = sched_new(&cfg, &fake_source, NULL);
+	sched_submit_request(s, &a->base);
+	wait_running(task_of(a));
+	sched_cancel_requests(s);
+	requeues = redeliver_until_done(s, &quick, 3000, &b);
+	WAIT_SETTLED(b, 1000);
+	assert_int_equal(requeues, 0);
+	assert_int_equal(b->outcome, SETTLE_ACK);
+	WAIT_SETTLED(a, 1000);
+	assert_int_equal(a->outcome, SETTLE_REQUEUE); /* stale anyway */
+	sched_get_stats(s, &st);
+	assert_int_equal(st.requeued_no_room, 0);
+	assert_int_equal(st.requeued_kill_timeout, 0);
+	finish(s);
+	msg_free(a);
+	msg_free(b);
+}
+
+/* The same when the cancelled task overruns kill_timeout: requeued once at
+ * the kill timeout, then (the slot stuck) at most once a second, and the
+ * request runs as soon as the slot frees. */
+static void
+test_slot_stuck_after_a_lost_connection_requeues_at_a_bounded_rate(void **state)
+{
+	struct sched_config cfg = base_config(1);
+	struct recipe slow = {.mode = RUN_STUBBORN, .stubborn_ms = 2500};
+	struct recipe quick = {.mode = RUN_OK};
+	struct fake_msg *a = msg_new(&slow), *b;
+	struct sched_stats st;
+	struct sched *s;
+	unsigned requeues;
+
+	(void)state;
+	cfg.kill_timeout_ms = 100;
+	s = sched_new(&cfg, &fake_source, NULL);
+	sched_submit_request(s, &a->base);
+	wait_running(task_of(a));
+	sched_cancel_requests(s);
+	requeues = redeliver_until_done(s, &quick, 6000, &b);
+	WAIT_SETTLED(b, 1000);
+	assert_int_equal(b->outcome, SETTLE_ACK);
+	/* ~0.1 s (kill timeout), ~1.1 s, ~2.1 s; the slot frees at 2.5 s. */
+	if (requeues < 1 || requeues > 4)
+		fail_msg("%u requeues in 2.5 s", requeues);
+	sched_get_stats(s, &st);
+	assert_int_equal(st.requeued_kill_timeout, 1);
+	assert_int_equal(st.requeued_no_room, requeues - 1);
+	finish(s);
+	msg_free(a);
+	msg_free(b);
+}
+
+struct shutdown_arg {
+	struct sched *s;
+};
+
+static void *
+shutdown_thread(void *arg)
+{
+	sched_shutdown(((struct shutdown_arg *)arg)->s);
+	return NULL;
+}
+
+/* The transport consumes until the scheduler has shut down: a request
+ * requeued at once during the grace would come straight back.  Held, it
+ * keeps its prefetch credit, and it is requeued once at the end. */
+static void
+test_requests_arriving_during_shutdown_are_held_not_bounced(void **state)
+{
+	struct sched_config cfg = base_config(1);
+	struct recipe r = {.mode = RUN_UNTIL_RELEASE};
+	struct recipe quick = {.mode = RUN_OK};
+	struct fake_msg *a = msg_new(&r), *b;
+	struct shutdown_arg arg;
+	pthread_t th;
+	struct sched *s;
+
+	(void)state;
+	cfg.shutdown_grace_ms = 1500;
+	s = sched_new(&cfg, &fake_source, NULL);
+	sched_submit_request(s, &a->base);
+	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
+	arg.s = s;
+	pthread_create(&th, NULL, shutdown_thread, &arg);
+	usleep(100000);
+	b = msg_new(&quick);
+	sched_submit_request(s, &b->base);
+	usleep(200000);
+	assert_int_equal(atomic_load(&b->settled), 0);
+	pthread_join(th, NULL);
+	assert_int_equal(atomic_load(&b->settled), 1);
+	assert_int_equal(b->outcome, SETTLE_REQUEUE);
+	assert_string_equal(b->reason, "shutting down");
+	assert_int_equal(a->outcome, SETTLE_REQUEUE);
+	finish(s);
+	msg_free(a);
+	msg_free(b);
+}
+
+/* Issue 16, item 6: a control message that a task's full backlog cannot
+ * take is dead-lettered with a reason, never acked unhandled. */
+static void
+test_control_backlog_overflow_is_dead_lettered_not_acked(void **state)
+{
+	enum { EXTRA = 10, N = 1 + SCHED_CONTROL_BACKLOG_MAX + EXTRA };
+	struct sched *s = start(1, HELPER_PRIORITY_NORMAL);
+	struct recipe r = {.mode = RUN_UNTIL_RELEASE, .id = "slow", .handle_gated = true};
+	struct fake_msg *q = msg_new(&r), *ctl[N];
+	struct fake_task *t;
+	struct sched_stats st;
+	unsigned i, acked = 0, dead = 0;
+
+	(void)state;
+	sched_submit_request(s, &q->base);
+	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
+	t = task_of(q);
+	ctl[0] = control_new("slow", false);
+	sched_submit_control(s, &ctl[0]->base);
+	for (i = 0; i < 20000 && atomic_load(&t->handle_entered) == 0; i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&t->handle_entered), 1);
+	for (i = 1; i < N; i++) {
+		ctl[i] = control_new("slow", false);
+		sched_submit_control(s, &ctl[i]->base);
+	}
+	atomic_store(&t->handle_open, true);
+	for (i = 0; i < N; i++) {
+		WAIT_SETTLED(ctl[i], 5000);
+		if (ctl[i]->outcome == SETTLE_ACK) {
+			acked++;
+		} else {
+			assert_int_equal(ctl[i]->outcome, SETTLE_DEAD_LETTER);
+			assert_string_equal(ctl[i]->reason, "control backlog full");
+			dead++;
+		}
+	}
+	assert_int_equal(acked, atomic_load(&t->handled));
+	assert_int_equal(acked, 1 + SCHED_CONTROL_BACKLOG_MAX);
+	assert_int_equal(dead, EXTRA);
+	sched_get_stats(s, &st);
+	assert_int_equal(st.control_dropped, EXTRA);
+	atomic_store(&t->released, true);
+	WAIT_SETTLED(q, 2000);
+	finish(s);
+	msg_free(q);
+	for (i = 0; i < N; i++)
+		msg_free(ctl[i]);
+}
+
 /* ---- stress ---- */
 
 struct stress_ctx {
@@ -1471,7 +1704,7 @@ main(void)
 		cmocka_unit_test_setup(test_expand_is_offered_exactly_the_free_room, reset_counters),
 		cmocka_unit_test_setup(test_helpers_returned_beyond_room_are_destroyed, reset_counters),
 		cmocka_unit_test_setup(test_buffer_slots_stay_empty_for_requests, reset_counters),
-		cmocka_unit_test_setup(test_full_of_protected_tasks_requeues_the_request, reset_counters),
+		cmocka_unit_test_setup(test_full_of_protected_tasks_holds_the_request_then_requeues_it_once, reset_counters),
 		cmocka_unit_test_setup(test_scenario_b_preempts_a_helper_normal_priority, reset_counters),
 		cmocka_unit_test_setup(test_scenario_b_preempts_a_helper_idle_priority, reset_counters),
 		cmocka_unit_test_setup(test_external_helpers_are_preempted_before_internal, reset_counters),
@@ -1490,6 +1723,10 @@ main(void)
 		cmocka_unit_test_setup(test_cancel_requests_requeues_protected_tasks, reset_counters),
 		cmocka_unit_test_setup(test_huge_sleep_lasts_until_cancelled, reset_counters),
 		cmocka_unit_test_setup(test_short_sleep_ends_on_time, reset_counters),
+		cmocka_unit_test_setup(test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection, reset_counters),
+		cmocka_unit_test_setup(test_slot_stuck_after_a_lost_connection_requeues_at_a_bounded_rate, reset_counters),
+		cmocka_unit_test_setup(test_requests_arriving_during_shutdown_are_held_not_bounced, reset_counters),
+		cmocka_unit_test_setup(test_control_backlog_overflow_is_dead_lettered_not_acked, reset_counters),
 		cmocka_unit_test_setup(test_stress_every_message_settled_exactly_once, reset_counters),
 	};
 
