@@ -228,6 +228,8 @@ static const struct restart_key {
 	KEY("[amqp] queue_type", KEY_STRING, queue_type),
 	KEY("[amqp] prefetch", KEY_UNSIGNED, prefetch),
 	KEY("[amqp] delivery_limit", KEY_UNSIGNED, delivery_limit),
+	KEY("[amqp] retry_delay_ms", KEY_UNSIGNED, retry_delay_ms),
+	KEY("[amqp] retry_delay_max_ms", KEY_UNSIGNED, retry_delay_max_ms),
 	KEY("[metrics] listen", KEY_STRING, metrics_listen),
 	KEY("[metrics] window", KEY_UNSIGNED, metrics_window),
 	KEY("[metrics] sample_s", KEY_UNSIGNED, metrics_sample_s),

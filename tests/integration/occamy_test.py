@@ -64,7 +64,7 @@ SECTION_KEYS = {
     "amqp": """uri password_file heartbeat_s tls_ca tls_cert tls_key
         tls_verify_peer tls_verify_hostname request_queue request_exchange
         control_exchange dead_letter_exchange dead_letter_queue queue_type
-        prefetch delivery_limit""".split(),
+        prefetch delivery_limit retry_delay_ms retry_delay_max_ms""".split(),
     "metrics": "listen window sample_s".split(),
 }
 _SECTION_OF = {k: s for s, keys in SECTION_KEYS.items() for k in keys}

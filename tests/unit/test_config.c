@@ -137,6 +137,8 @@ test_empty_sections_give_documented_defaults(void **state)
 	assert_string_equal(c.queue_type, "classic");
 	assert_int_equal(c.prefetch, 0);
 	assert_int_equal(c.delivery_limit, 5);
+	assert_int_equal(c.retry_delay_ms, 1000);
+	assert_int_equal(c.retry_delay_max_ms, 60000);
 
 	assert_string_equal(c.metrics_listen, "");
 	assert_int_equal(c.metrics_window, 10);
@@ -610,8 +612,8 @@ test_example_config_and_man_page_name_every_key(void **state)
 		"tls_key", "tls_verify_peer", "tls_verify_hostname",
 		"request_queue", "request_exchange", "control_exchange",
 		"dead_letter_exchange", "dead_letter_queue", "queue_type",
-		"prefetch", "delivery_limit", "listen", "window", "sample_s",
-		"path",
+		"prefetch", "delivery_limit", "retry_delay_ms", "retry_delay_max_ms",
+		"listen", "window", "sample_s", "path",
 	};
 	char *ini, *man, needle[64], missing[1024] = "";
 	size_t i;
@@ -714,6 +716,9 @@ static const struct bad_file bad_files[] = {
 	{"test_delivery_limit_above_1000_is_out_of_range",
 	 "[amqp]\ndelivery_limit = 1001\n",
 	 ":2: [amqp] key 'delivery_limit': 1001 is out of range 0..1000", 1},
+	{"test_retry_delay_max_below_retry_delay_is_refused",
+	 "[amqp]\nretry_delay_ms = 5000\nretry_delay_max_ms = 1000\n",
+	 ":3: [amqp] key 'retry_delay_max_ms': 1000 must be at least retry_delay_ms (5000)", 1},
 	{"test_zero_metrics_window_is_out_of_range",
 	 "[metrics]\nwindow = 0\n",
 	 ":2: [metrics] key 'window': 0 is out of range 1..1000", 1},
