@@ -186,7 +186,13 @@ struct occamy_host {
 
 	/* Publish a request for the named handler (NULL: the default handler)
 	 * on the request exchange: it runs protected on exactly one server.
-	 * Returns 0 when queued for sending, -1 if the daemon cannot send now. */
+	 * Returns 0 when queued for sending (it is then sent at least once,
+	 * and at most 3 times if connections keep breaking before its
+	 * confirm), -1 if the daemon cannot send now (not connected, its
+	 * outgoing queue full) or can never send it: a header key empty or
+	 * over 255 bytes, headers that do not fit in the negotiated frame
+	 * (128 KiB with RabbitMQ's defaults), a body over 128 MiB.  The host
+	 * logs why.  The same holds for publish_control and publish_help. */
 	int (*publish_request)(const struct occamy_host *host, const char *handler,
 			       const struct occamy_kv *headers, size_t nheaders,
 			       const void *body, size_t len);
