@@ -131,6 +131,20 @@ struct msg_queue {
 	struct queued_msg *head, *tail;
 };
 
+struct deferred_settle {
+	struct message *m;
+	struct settlement set;
+};
+
+struct deferred {
+	struct deferred_settle *settle;
+	unsigned nsettle, cap_settle;
+	struct task **destroy;
+	unsigned ndestroy, cap_destroy;
+	struct job **free_jobs;
+	unsigned nfree, cap_free;
+};
+
 struct sched {
 	pthread_mutex_t mu;
 	struct sched_config cfg;
@@ -155,6 +169,9 @@ struct sched {
 	pthread_cond_t expand_cv;
 	bool expand_kick;
 	pthread_t expand_thread;
+	/* Settlements and destroys collected on a thread that must not run
+	 * plugin code (the transport's): the expansion thread runs them. */
+	struct deferred orphans;
 
 	struct msg_queue help_requests;
 	struct job *ready_head, *ready_tail;
@@ -177,20 +194,6 @@ struct sched {
 };
 
 /* Work collected under the lock and carried out after unlocking. */
-struct deferred_settle {
-	struct message *m;
-	struct settlement set;
-};
-
-struct deferred {
-	struct deferred_settle *settle;
-	unsigned nsettle, cap_settle;
-	struct task **destroy;
-	unsigned ndestroy, cap_destroy;
-	struct job **free_jobs;
-	unsigned nfree, cap_free;
-};
-
 static uint64_t
 now_ns(void)
 {
@@ -1672,7 +1675,7 @@ expansion_main(void *arg)
 
 	pthread_mutex_lock(&s->mu);
 	while (!s->quit) {
-		struct deferred d = {0};
+		struct deferred d = {0}, orphans;
 		uint64_t now = now_ns();
 		uint64_t next = now + (uint64_t)s->cfg.expansion_period_ms * 1000000u;
 		uint64_t kt = check_kill_timeouts(s, &d);
@@ -1684,7 +1687,10 @@ expansion_main(void *arg)
 		 * means another pass, not a lost event. */
 		s->expand_kick = false;
 		expansion_pass(s, &d);
+		orphans = s->orphans;
+		memset(&s->orphans, 0, sizeof(s->orphans));
 		pthread_mutex_unlock(&s->mu);
+		deferred_run(&orphans);
 		deferred_run(&d);
 		pthread_mutex_lock(&s->mu);
 		deadline_to_timespec(next, &ts);
@@ -1852,20 +1858,21 @@ sched_reconfigure(struct sched *s, const struct sched_config *cfg)
 void
 sched_cancel_requests(struct sched *s)
 {
-	struct deferred d = {0};
 	struct job *j;
 	unsigned i;
 
+	/* Called by the transport, which never runs plugin code: the task
+	 * destroys (and settlements) go to the expansion thread. */
 	pthread_mutex_lock(&s->mu);
 	for (j = s->running; j != NULL; j = j->next)
 		if (j->kind == SLOT_PROTECTED)
 			job_cancel(j);
 	for (i = 0; i < s->nslots; i++)
 		if (s->slots[i].pending != NULL)
-			pending_requeue(s, i, "connection lost", &d);
-	waiting_expire(s, "connection lost", &d);
+			pending_requeue(s, i, "connection lost", &s->orphans);
+	waiting_expire(s, "connection lost", &s->orphans);
+	kick_expansion(s);
 	pthread_mutex_unlock(&s->mu);
-	deferred_run(&d);
 }
 
 static bool
@@ -1896,7 +1903,7 @@ wait_until_idle(struct sched *s, bool protected_only, uint64_t deadline)
 void
 sched_shutdown(struct sched *s)
 {
-	struct deferred d = {0};
+	struct deferred d = {0}, orphans;
 	struct message *m;
 	struct job *j;
 	uint64_t kill_ns;
@@ -1949,6 +1956,12 @@ sched_shutdown(struct sched *s)
 	pthread_join(s->reaper_thread, NULL);
 	pthread_join(s->admit_thread, NULL);
 	pthread_join(s->expand_thread, NULL);
+	/* What it left: the caller of shutdown runs plugin code anyway. */
+	pthread_mutex_lock(&s->mu);
+	orphans = s->orphans;
+	memset(&s->orphans, 0, sizeof(s->orphans));
+	pthread_mutex_unlock(&s->mu);
+	deferred_run(&orphans);
 	/* Dispatchers may be inside a blocked handle(): do not wait for ever. */
 	{
 		struct timespec ts;

@@ -82,6 +82,10 @@ struct fake_msg {
 
 static atomic_int tasks_alive;
 static atomic_int tasks_destroyed_twice;
+/* A thread that must never run a task's destroy (the transport's). */
+static pthread_t destroy_forbidden_on;
+static atomic_bool destroy_forbidden;
+static atomic_int destroyed_on_forbidden;
 static atomic_int running_total;
 static atomic_int next_serial;
 
@@ -177,6 +181,8 @@ fake_destroy(struct task *t)
 
 	if (f->serial < 0)
 		atomic_fetch_add(&tasks_destroyed_twice, 1);
+	if (atomic_load(&destroy_forbidden) && pthread_equal(pthread_self(), destroy_forbidden_on))
+		atomic_fetch_add(&destroyed_on_forbidden, 1);
 	f->serial = -1;
 	atomic_fetch_sub(&tasks_alive, 1);
 	free(f->base.id);
@@ -1431,6 +1437,41 @@ test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection(void 
 	msg_free(b);
 }
 
+/* The transport calls sched_cancel_requests() and never runs plugin code:
+ * the requests it requeues are settled and their tasks destroyed on a
+ * scheduler thread. */
+static void
+test_cancel_requests_runs_no_task_destroy_on_the_callers_thread(void **state)
+{
+	struct sched_config cfg = base_config(1);
+	struct recipe hold = {.mode = RUN_UNTIL_CANCEL};
+	struct recipe quick = {.mode = RUN_OK};
+	struct fake_msg *a = msg_new(&hold), *b = msg_new(&quick);
+	struct sched *s;
+
+	(void)state;
+	cfg.kill_timeout_ms = 5000;
+	s = sched_new(&cfg, &fake_source, NULL);
+	sched_submit_request(s, &a->base);
+	wait_running(task_of(a));
+	sched_submit_request(s, &b->base); /* waits for the only slot */
+	usleep(50000);
+	assert_int_equal(atomic_load(&b->settled), 0);
+	destroy_forbidden_on = pthread_self();
+	atomic_store(&destroyed_on_forbidden, 0);
+	atomic_store(&destroy_forbidden, true);
+	sched_cancel_requests(s);
+	WAIT_SETTLED(a, 2000);
+	WAIT_SETTLED(b, 2000);
+	atomic_store(&destroy_forbidden, false);
+	assert_int_equal(a->outcome, SETTLE_REQUEUE);
+	assert_int_equal(b->outcome, SETTLE_REQUEUE);
+	assert_int_equal(atomic_load(&destroyed_on_forbidden), 0);
+	finish(s);
+	msg_free(a);
+	msg_free(b);
+}
+
 /* The same when the cancelled task overruns kill_timeout: requeued once at
  * the kill timeout, then (the slot stuck) at most once a second, and the
  * request runs as soon as the slot frees. */
@@ -1724,6 +1765,7 @@ main(void)
 		cmocka_unit_test_setup(test_huge_sleep_lasts_until_cancelled, reset_counters),
 		cmocka_unit_test_setup(test_short_sleep_ends_on_time, reset_counters),
 		cmocka_unit_test_setup(test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection, reset_counters),
+		cmocka_unit_test_setup(test_cancel_requests_runs_no_task_destroy_on_the_callers_thread, reset_counters),
 		cmocka_unit_test_setup(test_slot_stuck_after_a_lost_connection_requeues_at_a_bounded_rate, reset_counters),
 		cmocka_unit_test_setup(test_requests_arriving_during_shutdown_are_held_not_bounced, reset_counters),
 		cmocka_unit_test_setup(test_control_backlog_overflow_is_dead_lettered_not_acked, reset_counters),
