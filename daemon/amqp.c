@@ -401,34 +401,40 @@ wake(struct transport *t)
 
 /* ---- events: requeues, retries, resends -------------------------------- */
 
-/* Count one event of path ("requeue", "retry", "resend") for reason, and
- * log it at most once a second per path and reason, with the number of
- * events since the last line: a flood is a count, not a log storm.  Owner
- * thread. */
+/* Count one event of path ("requeue", "retry", "resend", "drop",
+ * "dead-letter") by its reason, and log it at most once a second per path
+ * and reason, with the number of events since the last line: a flood is a
+ * count, not a log storm.  The reason's label is its text up to ": " (what
+ * follows is a plugin's own message).  Owner thread. */
 static void
 event_note(struct transport *t, const char *path, const char *what, const char *reason)
 {
 	struct transport_event *e = NULL;
 	uint64_t now = now_ns(), n;
+	size_t klen = strcspn(reason, ":");
+	char key[sizeof(e->reason)];
 	unsigned i;
 
+	snprintf(key, sizeof(key), "%.*s", (int)klen, reason);
 	pthread_mutex_lock(&t->lock);
 	for (i = 0; i < t->stats.nevents; i++) {
 		e = &t->stats.events[i];
-		if (strcmp(e->path, path) == 0 && strncmp(e->reason, reason, sizeof(e->reason) - 1) == 0)
+		if (strcmp(e->path, path) == 0 && strcmp(e->reason, key) == 0)
 			break;
 	}
 	if (i == t->stats.nevents) {
-		/* Full: the last entry takes every other reason. */
-		if (i == TRANSPORT_EVENTS_MAX) {
+		/* The last entry takes whatever does not fit. */
+		if (i >= TRANSPORT_EVENTS_MAX - 1) {
 			i = TRANSPORT_EVENTS_MAX - 1;
-			reason = "other";
-		} else {
+			snprintf(key, sizeof(key), "other");
+		}
+		if (i == t->stats.nevents) {
 			t->stats.nevents++;
+			e = &t->stats.events[i];
+			snprintf(e->path, sizeof(e->path), "%s", i == TRANSPORT_EVENTS_MAX - 1 ? "any" : path);
+			snprintf(e->reason, sizeof(e->reason), "%s", key);
 		}
 		e = &t->stats.events[i];
-		snprintf(e->path, sizeof(e->path), "%s", path);
-		snprintf(e->reason, sizeof(e->reason), "%s", reason);
 	}
 	e->count++;
 	pthread_mutex_unlock(&t->lock);
@@ -438,11 +444,10 @@ event_note(struct transport *t, const char *path, const char *what, const char *
 		return;
 	t->event_logged_ns[i] = now;
 	t->event_unlogged[i] = 0;
-	if (n == 1)
-		log_info("%s: %s: %s", path, what, reason);
-	else
-		log_info("%s: %s: %s (%" PRIu64 " times since the last line)", path, what, reason,
-			 n);
+	log_msg(strcmp(path, "dead-letter") == 0 || strcmp(path, "drop") == 0 ? LOG_WARNING
+									       : LOG_INFO,
+		n == 1 ? "%s: %s: %s" : "%s: %s: %s (%" PRIu64 " times since the last line)",
+		path, what, reason, n);
 }
 
 /* ---- headers ---------------------------------------------------------- */
@@ -855,8 +860,7 @@ dead_letter_publish(struct transport *t, struct delivery *d)
 	free(e);
 	switch (r) {
 	case PUB_SENT:
-		log_warnx("%s dead-lettered: %s%s", delivery_what(d), d->reason,
-			  dropped > 0 ? " (copy without its large headers)" : "");
+		event_note(t, "dead-letter", delivery_what(d), d->reason);
 		confirm_expect(t, PENDING_DEAD_LETTER, d, NULL);
 		return;
 	case PUB_REFUSED:

@@ -235,5 +235,24 @@ def test_control_messages_published_during_a_reconnect_all_reach_handle():
         os.unlink(log)
 
 
+@timeout(90)
+def test_a_flood_of_bad_requests_is_counted_and_logged_at_most_once_a_second():
+    port = free_port()
+    n = 300
+    with Daemon(["fail"], slots=2, metrics_listen=f"127.0.0.1:{port}") as d:
+        t0 = time.monotonic()
+        with channel() as ch:
+            for i in range(n):
+                publish_request(d, "fail", b"invalid_body", ch=ch)
+        get_dead_letters(d, min_count=n, timeout=60)
+        took = time.monotonic() - t0
+        key = 'occamy_transport_events_total{path="dead-letter",reason="invalid_body"}'
+        wait_until(lambda: scrape_metrics(port).get(key) == n, 10, what=f"{key} == {n}")
+        lines = re.findall(r"dead-letter: request: invalid_body", d.log())
+        note(f"{n} invalid requests in {took:.1f}s: {len(lines)} log lines")
+        assert 1 <= len(lines) <= took + 2, len(lines)
+        assert d.stop() == 0
+
+
 if __name__ == "__main__":
     run_tests(globals())
