@@ -36,6 +36,9 @@ struct ctl {
 	const char *headers[HEADERS_MAX][2];
 	size_t nheaders;
 	double timeout_s;
+	/* Of the last reply: an error reply says x-occamy-status. */
+	char reply_status[64];
+	char reply_error[512];
 };
 
 static void
@@ -188,6 +191,46 @@ publish(struct ctl *c, const char *exchange, const char *routing_key,
 	return 0;
 }
 
+/* Keep what an error reply says (x-occamy-status, x-occamy-error). */
+static void
+reply_headers(struct ctl *c, const amqp_basic_properties_t *p)
+{
+	c->reply_status[0] = c->reply_error[0] = '\0';
+	if (!(p->_flags & AMQP_BASIC_HEADERS_FLAG))
+		return;
+	for (int i = 0; i < p->headers.num_entries; i++) {
+		const amqp_table_entry_t *e = &p->headers.entries[i];
+		char *dst;
+		size_t cap;
+
+		if (e->value.kind != AMQP_FIELD_KIND_UTF8)
+			continue;
+		if (e->key.len == 15 && memcmp(e->key.bytes, "x-occamy-status", 15) == 0) {
+			dst = c->reply_status;
+			cap = sizeof(c->reply_status);
+		} else if (e->key.len == 14 && memcmp(e->key.bytes, "x-occamy-error", 14) == 0) {
+			dst = c->reply_error;
+			cap = sizeof(c->reply_error);
+		} else {
+			continue;
+		}
+		snprintf(dst, cap, "%.*s", (int)e->value.value.bytes.len,
+			 (const char *)e->value.value.bytes.bytes);
+	}
+}
+
+/* sysexits(3) status for an error reply's x-occamy-status (occamyctl(1)). */
+static int
+error_exit_status(const char *status)
+{
+	if (strcmp(status, "invalid_body") == 0 || strcmp(status, "invalid_headers") == 0 ||
+	    strcmp(status, "invalid_task") == 0 || strcmp(status, "rejected") == 0)
+		return EX_DATAERR;
+	if (strcmp(status, "unknown_handler") == 0)
+		return EX_UNAVAILABLE;
+	return EX_SOFTWARE; /* internal_error, and any kind added later */
+}
+
 /* Wait for one reply until deadline; 1 got one (body in *out), 0 timeout,
  * -1 error. */
 static int
@@ -214,6 +257,7 @@ next_reply(struct ctl *c, double deadline, char **out, size_t *len)
 		    env.message.properties.correlation_id.len == strlen(c->correlation) &&
 		    memcmp(env.message.properties.correlation_id.bytes, c->correlation,
 			   strlen(c->correlation)) == 0) {
+			reply_headers(c, &env.message.properties);
 			*len = env.message.body.len;
 			*out = xmalloc(*len + 1);
 			memcpy(*out, env.message.body.bytes, *len);
@@ -282,6 +326,11 @@ cmd_submit(struct ctl *c, int argc, char **argv)
 	if (rlen == 0 || reply[rlen - 1] != '\n')
 		putchar('\n');
 	free(reply);
+	if (c->reply_status[0] != '\0') {
+		fprintf(stderr, "occamyctl: request failed: %s: %s\n", c->reply_status,
+			c->reply_error);
+		return error_exit_status(c->reply_status);
+	}
 	return 0;
 }
 

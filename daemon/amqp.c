@@ -75,7 +75,7 @@ enum {
 #define TURN_MAX_MS 500             /* so that a stop is prompt */
 #define STOP_DRAIN_MS 2000
 #define IO_TIMEOUT_S 5              /* connect, login and each RPC */
-#define FRAMES_PER_TURN 256
+#define FRAMES_PER_TURN 1024         /* a message is 3 frames or more */
 #define REASON_MAX 256
 #define PASSWORD_MAX 1024
 /* Asked for at login; the broker's frame_max (RabbitMQ: 128 KiB by
@@ -98,6 +98,7 @@ enum {
 #define RETRY_STEPS_MAX 16
 
 #define HEADER_ERROR "x-occamy-error"
+#define HEADER_STATUS "x-occamy-status"
 #define HEADER_OUTCOME "x-occamy-handler-outcome"
 #define HEADER_ATTEMPTS "x-occamy-attempts"
 #define HEADER_REQUEUES "x-occamy-requeues"
@@ -134,6 +135,8 @@ struct delivery {
 	const char *handler_outcome; /* for the dead-letter copy */
 	bool is_command;             /* x-occamy-command: answered by the daemon */
 	bool dead_letter_result;     /* the copy carries the result, not the request */
+	bool dead_letter_refused;    /* the broker nacked the dead-letter copy */
+	unsigned confirms_left;      /* pending publishes that name this delivery */
 	char reason[REASON_MAX];
 	void *reply;
 	size_t reply_len;
@@ -156,6 +159,7 @@ struct outgoing {
 enum pending_kind {
 	PENDING_REPLY,       /* ack the request when confirmed */
 	PENDING_DEAD_LETTER, /* ack the request when confirmed */
+	PENDING_ERROR_REPLY, /* beside a dead letter: both confirmed, then ack */
 	PENDING_COPY,        /* a requeue or retry copy: ack the original */
 	PENDING_PUBLISH,     /* a plugin's */
 };
@@ -668,6 +672,8 @@ confirm_expect(struct transport *t, enum pending_kind kind, struct delivery *d,
 	p->kind = kind;
 	p->d = d;
 	p->o = o;
+	if (d != NULL)
+		d->confirms_left++;
 	*t->confirms_tail = p;
 	t->confirms_tail = &p->next;
 }
@@ -823,6 +829,112 @@ headers_trim(amqp_basic_properties_t *p, int nours, bool all)
 
 static void retry_or_give_up(struct transport *t, struct delivery *d);
 
+/* The machine-readable kind of a final failure, for x-occamy-status: the
+ * prefix of the scheduler's reason, or what the transport decided. */
+static const char *
+error_status(const struct delivery *d)
+{
+	static const char *const kinds[] = {"invalid_body", "invalid_headers", "invalid_task"};
+
+	if (d->handler_outcome != NULL && strcmp(d->handler_outcome, "retries-exhausted") == 0)
+		return "internal_error";
+	if (strncmp(d->reason, "invalid_task: unknown handler", 29) == 0)
+		return "unknown_handler";
+	for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
+		if (strncmp(d->reason, kinds[i], strlen(kinds[i])) == 0)
+			return kinds[i];
+	if (d->handler_outcome != NULL && strcmp(d->handler_outcome, "refused") == 0)
+		return "invalid_headers"; /* what the transport refused to forward */
+	return "rejected";
+}
+
+/* Length of the valid UTF-8 sequence at s, 0 if there is none. */
+static size_t
+utf8_len(const unsigned char *s)
+{
+	size_t n = s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 ? 2 : 0;
+
+	/* No overlong forms, surrogates or code points past U+10FFFF. */
+	if (s[0] >= 0xf5 || (s[0] == 0xe0 && s[1] < 0xa0) || (s[0] == 0xed && s[1] >= 0xa0) ||
+	    (s[0] == 0xf0 && s[1] < 0x90) || (s[0] == 0xf4 && s[1] >= 0x90))
+		return 0;
+	for (size_t i = 1; i < n; i++)
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+	return n;
+}
+
+/* s as the inside of a JSON string: valid UTF-8 whatever s holds (a
+ * plugin's message, a header's bytes), invalid bytes as U+FFFD. */
+static void
+json_escape(char *out, size_t cap, const char *s)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	size_t n = 0, k;
+
+	while (*p != '\0' && n + 8 < cap) {
+		if (*p == '"' || *p == '\\') {
+			out[n++] = '\\';
+			out[n++] = (char)*p++;
+		} else if (*p < 0x20) {
+			n += (size_t)snprintf(out + n, cap - n, "\\u%04x", *p++);
+		} else if (*p < 0x80) {
+			out[n++] = (char)*p++;
+		} else if ((k = utf8_len(p)) > 0) {
+			memcpy(out + n, p, k);
+			n += k;
+			p += k;
+		} else {
+			n += (size_t)snprintf(out + n, cap - n, "\\ufffd");
+			p++;
+		}
+	}
+	out[n] = '\0';
+}
+
+/* A request with reply_to that is dead-lettered also answers its client:
+ * one error reply, beside the dead-letter copy; the original is acked when
+ * both are confirmed.  Not when the reply path itself failed. */
+static void
+error_reply_publish(struct transport *t, struct delivery *d)
+{
+	const amqp_basic_properties_t *orig = &d->msg.properties;
+	const char *status = error_status(d);
+	char reason[2 * REASON_MAX], body[3 * REASON_MAX], why[REASON_MAX];
+	amqp_table_entry_t h[2];
+	amqp_basic_properties_t p;
+	int n;
+
+	if (d->channel != CH_REQUEST || d->dead_letter_result ||
+	    !delivery_has(d, AMQP_BASIC_REPLY_TO_FLAG, orig->reply_to))
+		return;
+	json_escape(reason, sizeof(reason), d->reason);
+	n = snprintf(body, sizeof(body), "{\"status\":\"%s\",\"error\":\"%s\"}", status, reason);
+	h[0] = entry_string(HEADER_STATUS, status);
+	h[1] = entry_string(HEADER_ERROR, d->reason);
+	memset(&p, 0, sizeof(p));
+	p._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_HEADERS_FLAG |
+		   AMQP_BASIC_CONTENT_TYPE_FLAG;
+	p.delivery_mode = AMQP_DELIVERY_PERSISTENT;
+	p.headers = (amqp_table_t){2, h};
+	p.content_type = amqp_cstring_bytes("application/json");
+	if (delivery_has(d, AMQP_BASIC_CORRELATION_ID_FLAG, orig->correlation_id)) {
+		p._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+		p.correlation_id = orig->correlation_id;
+	}
+	switch (publish_checked(t, "", orig->reply_to, false, &p,
+				(amqp_bytes_t){(size_t)n, body}, why, sizeof(why))) {
+	case PUB_SENT:
+		confirm_expect(t, PENDING_ERROR_REPLY, d, NULL);
+		break;
+	case PUB_REFUSED:
+		event_note(t, "drop", "error reply", why);
+		break;
+	case PUB_LOST:
+		break; /* the dead letter's pending goes with the connection */
+	}
+}
+
 /* Publish a copy of the delivery (or, with dead_letter_result, its result)
  * to the dead-letter exchange with the reason in its headers; the original
  * is acked once the copy is confirmed.  A copy that does not fit in a frame
@@ -831,7 +943,7 @@ static void
 dead_letter_publish(struct transport *t, struct delivery *d)
 {
 	amqp_basic_properties_t p;
-	amqp_table_entry_t extra[2], *e;
+	amqp_table_entry_t extra[3], *e;
 	amqp_bytes_t body = d->msg.body;
 	const char *queue = d->channel == CH_REQUEST ? t->request_queue : t->control_queue;
 	char why[REASON_MAX], reason[REASON_MAX + 64];
@@ -842,9 +954,10 @@ dead_letter_publish(struct transport *t, struct delivery *d)
 		body = d->reply != NULL ? (amqp_bytes_t){d->reply_len, d->reply} : amqp_empty_bytes;
 	if (d->handler_outcome == NULL)
 		d->handler_outcome = "rejected";
-	extra[0] = entry_string(HEADER_ERROR, d->reason);
+	extra[0] = entry_string(HEADER_STATUS, error_status(d));
 	extra[1] = entry_string(HEADER_OUTCOME, d->handler_outcome);
-	e = copy_properties(d, extra, 2, &p);
+	extra[2] = entry_string(HEADER_ERROR, d->reason);
+	e = copy_properties(d, extra, 3, &p);
 	/* As the broker does when it dead-letters: the copy must not expire. */
 	p._flags &= ~(amqp_flags_t)AMQP_BASIC_EXPIRATION_FLAG;
 	for (int step = 0;; step++) {
@@ -852,16 +965,17 @@ dead_letter_publish(struct transport *t, struct delivery *d)
 				    why, sizeof(why));
 		if (r != PUB_REFUSED || step == 2)
 			break;
-		dropped += headers_trim(&p, 2, step == 1);
+		dropped += headers_trim(&p, 3, step == 1);
 		snprintf(reason, sizeof(reason), "%.150s; %d header%s left out of this copy (%.80s)",
 			 d->reason, dropped, dropped == 1 ? "" : "s", why);
-		p.headers.entries[p.headers.num_entries - 2] = entry_string(HEADER_ERROR, reason);
+		p.headers.entries[p.headers.num_entries - 1] = entry_string(HEADER_ERROR, reason);
 	}
 	free(e);
 	switch (r) {
 	case PUB_SENT:
 		event_note(t, "dead-letter", delivery_what(d), d->reason);
 		confirm_expect(t, PENDING_DEAD_LETTER, d, NULL);
+		error_reply_publish(t, d);
 		return;
 	case PUB_REFUSED:
 		/* Only a result too large for any message gets here; the
@@ -1062,6 +1176,8 @@ confirm_resolve(struct transport *t, struct pending *p, bool ok)
 	bool returned = p->returned;
 
 	free(p);
+	if (d != NULL && kind != PENDING_DEAD_LETTER && kind != PENDING_ERROR_REPLY)
+		d->confirms_left--;
 	switch (kind) {
 	case PENDING_REPLY:
 		if (ok && !returned) {
@@ -1089,7 +1205,18 @@ confirm_resolve(struct transport *t, struct pending *p, bool ok)
 			retry_or_give_up(t, d);
 		return;
 	case PENDING_DEAD_LETTER:
-		if (ok) {
+	case PENDING_ERROR_REPLY:
+		if (kind == PENDING_DEAD_LETTER && !ok)
+			d->dead_letter_refused = true;
+		if (kind == PENDING_ERROR_REPLY) {
+			if (ok)
+				STAT_ADD(t, error_replies, 1);
+			else
+				event_note(t, "drop", "error reply", "refused by the broker");
+		}
+		if (--d->confirms_left > 0)
+			return; /* the other one is still out */
+		if (!d->dead_letter_refused) {
 			if (delivery_ack(t, d))
 				STAT_ADD(t, dead_letters, 1);
 		} else {
@@ -1364,8 +1491,11 @@ connection_drop(struct transport *t, bool clean)
 	while ((p = t->confirms) != NULL) {
 		t->confirms = p->next;
 		if (p->d != NULL) {
-			delivery_free(p->d);
-			stale++;
+			/* A dead letter and its error reply share one. */
+			if (--p->d->confirms_left == 0) {
+				delivery_free(p->d);
+				stale++;
+			}
 		} else if (p->o->sends >= RESENDS_MAX) {
 			/* Lost with its connection every time: it may be
 			 * what breaks it.  At least once, not for ever. */

@@ -62,6 +62,7 @@ struct transport_stats {
 	uint64_t control_deliveries;
 	uint64_t acks, requeues, retries, dead_letters;
 	uint64_t replies;           /* results published to reply_to */
+	uint64_t error_replies;     /* error replies beside dead letters, confirmed */
 	uint64_t replies_unroutable; /* returned: result dead-lettered */
 	uint64_t replies_refused;   /* nacked by the broker */
 	uint64_t publishes;         /* plugin publishes confirmed */

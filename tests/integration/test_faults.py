@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 
 import pika
@@ -51,7 +50,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from occamy_test import (ROOT, SCALE, Daemon, ReplyQueue, broker_ctl,  # noqa: E402
                          broker_restart, channel, connect, free_port, get_dead_letters,
                          note, publish_control, publish_request, queue_counts, rpc,
-                         run_tests, skip, timeout, wait_until)
+                         run_tests, skip, timeout, wait_until,
+                         scrape_metrics as scrape)
 
 SCALE_N = float(os.environ.get("OCCAMY_FAULT_REQUESTS", 0)) / 3000 or 1.0
 AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
@@ -218,16 +218,6 @@ class Publisher(threading.Thread):
         if self.error is not None:
             raise AssertionError(f"publisher failed: {self.error!r}")
 
-
-def scrape(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10 * SCALE) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
 
 
 def slots(v):

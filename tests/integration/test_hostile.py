@@ -76,6 +76,10 @@ def metric(text, name):
     return float(m.group(1)) if m else None
 
 
+def _text(v):
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
 def publish_raw(ch, exchange, routing_key, body, headers=None, correlation_id=None,
                 reply_to=None, expiration=None):
     ch.basic_publish(exchange, routing_key, body,
@@ -225,11 +229,12 @@ def test_malformed_corpus_gets_the_right_outcome_and_the_daemon_keeps_serving():
     with Daemon(["noop", "fail", "sleep"], slots=2, metrics_listen=f"127.0.0.1:{port}") as d, \
             ReplyQueue() as rq:
         n = d.names
-        cids = {}
+        cids, targets = {}, {}
         with channel() as ch:
             for i, (name, target, handler, headers, body, expected) in enumerate(items):
                 cid = f"c{i}"
                 cids[cid] = (name, expected)
+                targets[cid] = target
                 h = dict(headers)
                 if handler is not None:
                     h[H] = handler
@@ -250,7 +255,10 @@ def test_malformed_corpus_gets_the_right_outcome_and_the_daemon_keeps_serving():
             publish_raw(ch, n["control_exchange"], "", b"", {"x-occamy-command": "status"},
                         "status", rq.name)
 
-        want_replies = {c for c, (_, e) in cids.items() if e[0] == "reply"} | {"status"}
+        # A dead-lettered request also answers its reply_to, with an error
+        # reply (a control message does not).
+        want_replies = {c for c, (_, e) in cids.items()
+                        if e[0] == "reply" or (e[0] == "dead" and targets[c] == "req")} | {"status"}
         want_dead = {c for c, (_, e) in cids.items() if e[0] == "dead"}
         replies = {}
         deadline = time.monotonic() + 60 * SCALE
@@ -296,8 +304,17 @@ def test_malformed_corpus_gets_the_right_outcome_and_the_daemon_keeps_serving():
                     if got[0].get("x-occamy-handler-outcome") not in ("rejected", "refused"):
                         problems.append(f"{name}: x-occamy-handler-outcome "
                                         f"{got[0].get('x-occamy-handler-outcome')!r}")
-                if cid in replies:
-                    problems.append(f"{name}: got a reply as well")
+                r = replies.get(cid)
+                if targets[cid] != "req":
+                    if r is not None:
+                        problems.append(f"{name}: a control message got a reply")
+                elif r is None:
+                    problems.append(f"{name}: no error reply")
+                elif not r.headers.get("x-occamy-status") or \
+                        not got or not _text(got[0].get("x-occamy-error")).startswith(
+                            _text(r.headers.get("x-occamy-error"))) or \
+                        r.json().get("status") != r.headers.get("x-occamy-status"):
+                    problems.append(f"{name}: error reply {r.headers!r} {r.body[:120]!r}")
             else:
                 if cid in replies or cid in dead:
                     problems.append(f"{name}: expected neither reply nor dead letter, got "
@@ -397,9 +414,11 @@ def test_header_key_with_a_nul_byte_is_not_taken_for_another_header():
                         reply_to=rq.name, correlation_id="nul-key")
         dead = get_dead_letters(d, min_count=1, timeout=5)
         rq.conn.process_data_events(0.5)
-        ran = [r.body for r in rq.received]
+        # The only answer is the error reply of the dead letter.
+        ran = [r.body for r in rq.received if "x-occamy-status" not in r.headers]
         assert not ran, ("a header named 'handler\\0evil' was taken for 'handler' and ran the "
                          f"request (reply {ran}); dead letters: {dead}")
+        assert [r.headers["x-occamy-status"] for r in rq.received] == ["invalid_headers"]
         assert len(dead) == 1, dead
         assert rpc(d, "noop", b"ok").body == b"ok"
         assert d.stop() == 0

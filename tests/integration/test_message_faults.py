@@ -23,7 +23,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from occamy_test import (  # noqa: E402
-    Daemon, FaultProxy, ReplyQueue, broker_ctl, channel, free_port, get_dead_letters,
+    Daemon, FaultProxy, ReplyQueue, channel, free_port, get_dead_letters,
     note, publish_control, publish_request, queue_counts, rpc, run_tests, scrape_metrics,
     timeout, transport_totals, wait_until, SCALE)
 

@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from occamy_test import (  # noqa: E402
     Daemon, ReplyQueue, free_port, get_dead_letters, note, publish_request, queue_counts,
-    run_tests, scrape_metrics, timeout, transport_totals, wait_until, SCALE)
+    run_tests, scrape_metrics, timeout, transport_totals, wait_until)
 
 
 @timeout(120)

@@ -17,11 +17,11 @@ import os
 import random
 import sys
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 from occamy_test import (SCALE, TSPLIB, Daemon, free_port, note, rpc,  # noqa: E402
-                         run_tests, skip, timeout, wait_until)
+                         run_tests, skip, timeout, wait_until,
+                         scrape_metrics as scrape)
 
 SLOTS = 2
 # How long assistants may take to stop once the master has replied: internal
@@ -31,17 +31,6 @@ STOP_WITHIN_S = 1.0
 
 
 # ------------------------------------------------------------------ helpers
-
-def scrape(port):
-    """{series: value} of a daemon's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
 
 
 def nint(x):
