@@ -74,6 +74,12 @@ $(B)/occamyctl: $(CTL_SRC:%.c=$(B)/%.o) $(B)/daemon/config.o $(B)/daemon/log.o
 $(B)/tests/unit/%: $(B)/tests/unit/%.o $(CORE_OBJ)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS) -lcmocka
 
+# The transport alone, with a fake scheduler (tests/tools/amqp_smoke.c).
+TRANSPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(wildcard daemon/transport*.c) \
+	daemon/amqp_fields.c daemon/backoff.c daemon/log.c daemon/config.c)
+$(B)/tests/tools/amqp_smoke: $(B)/tests/tools/amqp_smoke.o $(TRANSPORT_OBJ)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
+
 $(B)/tests/tools/% $(B)/bench/%: ALL_LIBS := $(LIBS)
 $(B)/tests/tools/%: $(B)/tests/tools/%.o
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)

@@ -19,7 +19,7 @@
 
 #include <systemd/sd-daemon.h>
 
-#include "amqp.h"
+#include "transport.h"
 #include "config.h"
 #include "loader.h"
 #include "log.h"

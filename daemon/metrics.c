@@ -17,7 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "amqp.h"
+#include "transport.h"
 #include "config.h"
 #include "log.h"
 #include "metrics.h"

@@ -1,10 +1,10 @@
 /*
  * fuzz_headers.c - libFuzzer target for the AMQP header-table conversion of
- * the transport (daemon/amqp.c headers_convert, static: reached by including
- * amqp.c, see amqp_harness.h).  The input is an encoded AMQP field table as
+ * the transport (daemon/amqp_fields.c headers_flatten, linked as it is; see
+ * amqp_harness.h).  The input is an encoded AMQP field table as
  * it arrives in a content header frame (4-byte length, then entries);
  * rabbitmq-c decodes it like the delivery path does (amqp_decode_table),
- * then headers_convert flattens it for the scheduler and the plugins.  The
+ * then headers_flatten flattens it for the scheduler and the plugins.  The
  * flattened headers are checked against the table, looked up the way the
  * router, the scheduler and the plugins do, and the dead-letter copy's
  * header table (original entries plus x-occamy-error) is re-encoded.
@@ -14,10 +14,8 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static void
-check_items(const struct delivery *d, const amqp_table_t *tbl)
+check_items(const struct occamy_headers *h, const amqp_table_t *tbl)
 {
-	const struct occamy_headers *h = &d->base.headers;
-
 	if (h->count != 0 && h->count != (size_t)tbl->num_entries)
 		abort();
 	for (size_t i = 0; i < h->count; i++) {
@@ -76,7 +74,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	amqp_pool_t pool;
 	amqp_table_t tbl;
 	size_t off = 0;
-	struct delivery d;
+	amqp_basic_properties_t p;
+	struct occamy_headers h;
+	struct occamy_header *items;
 	char why[REASON_MAX];
 
 	init_amqp_pool(&pool, 4096);
@@ -85,14 +85,15 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		empty_amqp_pool(&pool);
 		return 0;
 	}
-	memset(&d, 0, sizeof(d));
-	d.msg.properties._flags = AMQP_BASIC_HEADERS_FLAG;
-	d.msg.properties.headers = tbl;
+	memset(&p, 0, sizeof(p));
+	p._flags = AMQP_BASIC_HEADERS_FLAG;
+	p.headers = tbl;
 	why[0] = '\0';
-	if (headers_convert(&d, why, sizeof(why)) == 0) {
-		check_items(&d, &tbl);
-		free(d.items);
-	} else if (why[0] == '\0' || d.items != NULL) {
+	if (headers_flatten(&p, &items, &h.count, why, sizeof(why)) == 0) {
+		h.items = items;
+		check_items(&h, &tbl);
+		free(items);
+	} else if (why[0] == '\0' || items != NULL) {
 		abort(); /* a refusal has a reason and allocates nothing */
 	}
 	reencode_dead_letter(&tbl, off);

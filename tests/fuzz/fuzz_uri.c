@@ -1,6 +1,6 @@
 /*
- * fuzz_uri.c - libFuzzer target for uri_mask() of daemon/amqp.c (static,
- * reached by including amqp.c): the masked URI is what every log line about
+ * fuzz_uri.c - libFuzzer target for uri_mask() of daemon/amqp_fields.c
+ * (linked as it is): the masked URI is what every log line about
  * the broker shows, so the password must never survive it.
  *
  * The input is split at the first two NUL bytes into USER, PASSWORD and

@@ -518,7 +518,7 @@ def test_password_file_readable_by_others_is_warned_about():
                                    d.log() + "\n" + checked, re.M | re.I)
                 assert warned, ("missing feature: no warning that password_file " + pwfile +
                                 " (mode 0644) is readable by others; expected one in the log "
-                                "(daemon/amqp.c password_read) or in occamyd -t\n" + d.log_tail())
+                                "(daemon/transport_conn.c password_read) or in occamyd -t\n" + d.log_tail())
                 assert_secret_absent(user.password, "the daemon log", d.log())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,5 @@
 /*
- * amqp_smoke.c - drives daemon/amqp.c against a real broker with a fake
+ * amqp_smoke.c - drives the transport (daemon/transport*.c) against a real broker with a fake
  * scheduler, for manual and scripted checks of the transport.
  *
  *   amqp_smoke URI [classic|quorum] [PREFIX] [DELIVERY_LIMIT]
@@ -16,12 +16,19 @@
  *                  request with action=ack from this thread, then ack
  * One line per event goes to stdout ("REQUEST ...", "CONTROL ...",
  * "CANCEL", "STATE ...", and "STATS ..." at exit) for scripts to check.
- * Built standalone: it includes the .c files it needs.
+ * Linked with the transport's objects and a fake scheduler (this file).
  */
-#include "amqp.c"
-#include "log.c"
-
+#include <inttypes.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "transport_int.h"
 
 struct sched {
 	pthread_mutex_t lock;

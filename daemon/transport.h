@@ -19,6 +19,8 @@
 
 #include <occamy/plugin.h>
 
+#include "sched.h" /* enum settle_outcome */
+
 struct config;
 struct sched;
 struct transport;
@@ -73,6 +75,22 @@ struct transport_stats {
 	unsigned nevents;
 	struct transport_event events[TRANSPORT_EVENTS_MAX];
 };
+
+/* What a settlement outcome means on the wire (settle_policy()). */
+enum settle_action {
+	SETTLE_DO_ACK,            /* basic.ack */
+	SETTLE_DO_REPLY,          /* the result to reply_to, confirmed, then ack */
+	SETTLE_DO_REQUEUE_COPY,   /* a copy to the request queue's tail, then ack */
+	SETTLE_DO_REJECT_REQUEUE, /* basic.reject(requeue): a control message */
+	SETTLE_DO_RETRY,          /* a copy through the delay queue, then ack */
+	SETTLE_DO_DEAD_LETTER,    /* a copy (+ error reply) to the dead letters, then ack */
+};
+
+/* Pure: the action for one delivery.  is_request: from the request queue;
+ * wants_reply: it has reply_to (a request, or a command to the daemon);
+ * attempts: failed attempts before this delivery. */
+enum settle_action settle_policy(enum settle_outcome outcome, bool is_request,
+				 bool wants_reply, uint64_t attempts, unsigned delivery_limit);
 
 /* Checks what config.c cannot: the URI parses, the password file can be
  * read (warns if others may read it too).  -1 with why on error. */

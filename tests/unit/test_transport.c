@@ -1,0 +1,155 @@
+/*
+ * test_transport.c - the transport's pure parts, without a broker: the
+ * settlement policy (what each outcome means on the wire), the reconnect
+ * backoff, and the conversions of amqp_fields.c (header tables flattened
+ * for plugins, copies with our headers, JSON text).
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "amqp_fields.h"
+#include "backoff.h"
+#include "transport.h"
+
+static void
+test_policy_success_acks_or_replies_first(void **state)
+{
+	(void)state;
+	assert_int_equal(settle_policy(SETTLE_ACK, true, false, 0, 5), SETTLE_DO_ACK);
+	assert_int_equal(settle_policy(SETTLE_ACK, true, true, 0, 5), SETTLE_DO_REPLY);
+	assert_int_equal(settle_policy(SETTLE_ACK, false, false, 0, 5), SETTLE_DO_ACK);
+}
+
+static void
+test_policy_requeue_is_a_copy_for_requests_and_a_reject_for_control(void **state)
+{
+	(void)state;
+	assert_int_equal(settle_policy(SETTLE_REQUEUE, true, true, 3, 5), SETTLE_DO_REQUEUE_COPY);
+	assert_int_equal(settle_policy(SETTLE_REQUEUE, false, false, 0, 5),
+			 SETTLE_DO_REJECT_REQUEUE);
+}
+
+static void
+test_policy_retries_until_the_last_attempt_then_dead_letters(void **state)
+{
+	(void)state;
+	/* delivery_limit 5: attempts 1..4 retry, attempt 5 is the last. */
+	for (uint64_t before = 0; before < 4; before++)
+		assert_int_equal(settle_policy(SETTLE_RETRY, true, false, before, 5),
+				 SETTLE_DO_RETRY);
+	assert_int_equal(settle_policy(SETTLE_RETRY, true, false, 4, 5), SETTLE_DO_DEAD_LETTER);
+	assert_int_equal(settle_policy(SETTLE_RETRY, true, false, 99, 5), SETTLE_DO_DEAD_LETTER);
+	assert_int_equal(settle_policy(SETTLE_RETRY, true, false, 0, 1), SETTLE_DO_DEAD_LETTER);
+	/* 0: no limit. */
+	assert_int_equal(settle_policy(SETTLE_RETRY, true, false, 100000, 0), SETTLE_DO_RETRY);
+	/* A control message is never retried. */
+	assert_int_equal(settle_policy(SETTLE_RETRY, false, false, 0, 5), SETTLE_DO_DEAD_LETTER);
+	assert_int_equal(settle_policy(SETTLE_DEAD_LETTER, true, true, 0, 5),
+			 SETTLE_DO_DEAD_LETTER);
+}
+
+static void
+test_backoff_doubles_to_the_cap_with_jitter_and_starts_over(void **state)
+{
+	struct backoff b;
+	unsigned want = 100;
+
+	(void)state;
+	backoff_init(&b, 100, 10000, 42);
+	for (int i = 0; i < 12; i++) {
+		unsigned d = backoff_next(&b);
+		assert_in_range(d, want / 2, want);
+		want = want * 2 > 10000 ? 10000 : want * 2;
+	}
+	assert_in_range(backoff_now(&b), 5000, 10000);
+	backoff_reset(&b);
+	assert_in_range(backoff_now(&b), 50, 100);
+	backoff_init(&b, 100, 10000, 0); /* a zero seed still jitters */
+	assert_int_not_equal(backoff_random(&b), 0);
+}
+
+static void
+test_headers_flatten_gives_plugins_c_strings_and_refuses_nul_keys(void **state)
+{
+	amqp_table_entry_t e[3];
+	amqp_basic_properties_t p;
+	struct occamy_header *items;
+	size_t n;
+	char why[256];
+
+	(void)state;
+	memset(&p, 0, sizeof(p));
+	e[0] = entry_string("handler", "noop");
+	e[1] = entry_int("n", -7);
+	e[2] = entry_bool("b", true);
+	p._flags = AMQP_BASIC_HEADERS_FLAG;
+	p.headers = (amqp_table_t){3, e};
+	assert_int_equal(headers_flatten(&p, &items, &n, why, sizeof(why)), 0);
+	assert_int_equal(n, 3);
+	assert_string_equal(items[0].key, "handler");
+	assert_string_equal(items[0].str, "noop");
+	assert_int_equal(items[1].kind, OCCAMY_VALUE_INT);
+	assert_int_equal(items[1].i, -7);
+	assert_int_equal(items[2].kind, OCCAMY_VALUE_BOOL);
+	free(items);
+
+	e[0].key = (amqp_bytes_t){12, "handler\0evil"};
+	assert_int_equal(headers_flatten(&p, &items, &n, why, sizeof(why)), -1);
+	assert_null(items);
+	assert_non_null(strstr(why, "NUL"));
+}
+
+static void
+test_copy_replaces_our_headers_and_drops_delivery_count_and_user_id(void **state)
+{
+	amqp_table_entry_t e[3], extra[1], *copy;
+	amqp_basic_properties_t orig, p;
+
+	(void)state;
+	memset(&orig, 0, sizeof(orig));
+	e[0] = entry_string("keep", "me");
+	e[1] = entry_int("x-delivery-count", 3);
+	e[2] = entry_int("x-occamy-attempts", 1);
+	orig._flags = AMQP_BASIC_HEADERS_FLAG | AMQP_BASIC_USER_ID_FLAG;
+	orig.user_id = amqp_cstring_bytes("someone-else");
+	orig.headers = (amqp_table_t){3, e};
+	extra[0] = entry_int("x-occamy-attempts", 2);
+	copy = copy_properties(&orig, extra, 1, &p);
+	assert_int_equal(p.headers.num_entries, 2);
+	assert_true(bytes_equal(p.headers.entries[0].key, "keep"));
+	assert_true(bytes_equal(p.headers.entries[1].key, "x-occamy-attempts"));
+	assert_int_equal(p.headers.entries[1].value.value.i64, 2);
+	assert_false(p._flags & AMQP_BASIC_USER_ID_FLAG);
+	free(copy);
+}
+
+static void
+test_json_escape_keeps_utf8_and_replaces_what_is_not(void **state)
+{
+	char out[128];
+
+	(void)state;
+	json_escape(out, sizeof(out), "a\"b\\c\n\xc3\xa9\xff\xe0\x80\x80z");
+	assert_string_equal(out, "a\\\"b\\\\c\\u000a\xc3\xa9\\ufffd\\ufffd\\ufffd\\ufffdz");
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_policy_success_acks_or_replies_first),
+		cmocka_unit_test(test_policy_requeue_is_a_copy_for_requests_and_a_reject_for_control),
+		cmocka_unit_test(test_policy_retries_until_the_last_attempt_then_dead_letters),
+		cmocka_unit_test(test_backoff_doubles_to_the_cap_with_jitter_and_starts_over),
+		cmocka_unit_test(test_headers_flatten_gives_plugins_c_strings_and_refuses_nul_keys),
+		cmocka_unit_test(test_copy_replaces_our_headers_and_drops_delivery_count_and_user_id),
+		cmocka_unit_test(test_json_escape_keeps_utf8_and_replaces_what_is_not),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
