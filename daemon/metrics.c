@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "amqp.h"
+#include "clock.h"
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
@@ -55,15 +56,6 @@ struct metrics {
 	struct group_stats groups[GROUPS_MAX];
 	unsigned ngroups;
 };
-
-static double
-mono_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 double
 erlang_intensity(const struct erlang_sample *a, const struct erlang_sample *b,
@@ -159,7 +151,7 @@ metrics_sample(struct metrics *m)
 
 	if (m == NULL || m->sched == NULL)
 		return;
-	now.t = mono_s();
+	now.t = (double)clock_now_ns() / 1e9;
 	pthread_mutex_lock(&m->mu);
 	if (m->nsamples > 0 && now.t - m->last_sample_t < m->sample_s - 0.05) {
 		pthread_mutex_unlock(&m->mu);

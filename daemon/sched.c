@@ -28,7 +28,7 @@
 #include <unistd.h>
 
 #include "log.h"
-#include "sched.h"
+#include "scheduler.h"
 
 #define DISPATCHERS_MAX 64
 /* A request that finds no slot is held at least this long before it goes

@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 #include "log.h"
-#include "sched.h"
+#include "scheduler.h"
 
 /* ---- fakes ---- */
 
