@@ -77,7 +77,7 @@ static const char *const result_label[] = {
 };
 
 static void
-on_task_done(void *ctx, const char *group, enum slot_status st, enum occamy_status res,
+on_task_done(void *ctx, const char *group, enum job_kind kind, enum occamy_status res,
 	     double seconds)
 {
 	struct metrics *m = ctx;
@@ -100,11 +100,11 @@ on_task_done(void *ctx, const char *group, enum slot_status st, enum occamy_stat
 	for (b = 0; b < DURATION_BUCKETS; b++)
 		if (seconds <= duration_bounds_s[b])
 			break;
-	g->buckets[st][b]++;
-	g->sum_s[st] += seconds;
-	g->count[st]++;
+	g->buckets[kind][b]++;
+	g->sum_s[kind] += seconds;
+	g->count[kind]++;
 	if ((unsigned)res < 6)
-		g->results[st][res]++;
+		g->results[kind][res]++;
 	pthread_mutex_unlock(&m->mu);
 }
 
