@@ -1846,6 +1846,21 @@ test_gated_expand_does_not_delay_a_held_requests_requeue(void **state)
 	msg_free(c);
 }
 
+/* Not the scheduler's, but the header every plugin includes: an ABI 1.0
+ * host table ends before header_task_id. */
+static void
+test_host_has_sees_only_fields_within_the_tables_size(void **state)
+{
+	struct occamy_host h = {.size = sizeof(struct occamy_host)};
+
+	(void)state;
+	assert_true(OCCAMY_HOST_HAS(&h, header_task_id));
+	assert_true(OCCAMY_HOST_HAS(&h, header_handler));
+	h.size = offsetof(struct occamy_host, header_task_id);
+	assert_false(OCCAMY_HOST_HAS(&h, header_task_id));
+	assert_true(OCCAMY_HOST_HAS(&h, plugin_state));
+}
+
 static int
 reset_counters(void **state)
 {
@@ -1899,6 +1914,7 @@ main(void)
 		cmocka_unit_test(test_admit_decision_preempts_external_before_internal_then_newest),
 		cmocka_unit_test(test_admit_decision_waits_when_only_protected_or_cancelled_remain),
 		cmocka_unit_test_setup(test_gated_expand_does_not_delay_a_held_requests_requeue, reset_counters),
+		cmocka_unit_test(test_host_has_sees_only_fields_within_the_tables_size),
 	};
 
 	log_init(-1);
