@@ -1,7 +1,8 @@
 /*
  * clock.h - the daemon's one clock: monotonic nanoseconds for intervals and
  * deadlines, wall-clock milliseconds for deadlines that cross servers.
- * Any thread.  Unit tests may link a fake in place of clock.c (a link seam).
+ * Any thread.  A link seam: a test that wants a fake clock links its own
+ * definitions instead of clock.o (today every unit test links clock.o).
  */
 #ifndef OCCAMY_CLOCK_H
 #define OCCAMY_CLOCK_H
