@@ -11,7 +11,7 @@
 
 #include <occamy/plugin.h>
 
-#include "sched.h"
+#include "scheduler.h"
 
 struct config;
 struct plugin_set;

@@ -19,12 +19,13 @@
 
 #include <systemd/sd-daemon.h>
 
+#include "clock.h"
 #include "transport.h"
 #include "config.h"
 #include "loader.h"
 #include "log.h"
 #include "metrics.h"
-#include "sched.h"
+#include "scheduler.h"
 
 #ifndef OCCAMY_VERSION
 #define OCCAMY_VERSION "dev"
@@ -47,15 +48,6 @@ struct daemon {
 	atomic_uint_fast64_t watchdog_usec;
 	atomic_uint_fast64_t last_ping_ns;
 };
-
-static uint64_t
-mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void
 usage(FILE *f)
@@ -115,7 +107,7 @@ on_transport_turn(void *ctx, bool connected)
 	(void)connected;
 	if (usec == 0)
 		return;
-	now = mono_ns();
+	now = clock_now_ns();
 	if (now - atomic_load(&d->last_ping_ns) >= usec * 1000u / 2) {
 		atomic_store(&d->last_ping_ns, now);
 		sd_notify(0, "WATCHDOG=1");
@@ -291,7 +283,7 @@ reload(struct daemon *d)
 	unsigned nkept;
 
 	sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu",
-		   (unsigned long long)(mono_ns() / 1000u));
+		   (unsigned long long)(clock_now_ns() / 1000u));
 	log_info("reloading %s", d->config_path);
 	if (config_load(d->config_path, &ncfg, errs, sizeof(errs)) != 0) {
 		log_warnx("reload refused, keeping the running configuration:\n%s", errs);

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "transport.h"
 #include "config.h"
 #include "log.h"
@@ -56,15 +57,6 @@ struct metrics {
 	unsigned ngroups;
 };
 
-static double
-mono_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 double
 erlang_intensity(const struct erlang_sample *a, const struct erlang_sample *b,
 		 unsigned slots, double fallback_mean_s)
@@ -85,7 +77,7 @@ static const char *const result_label[] = {
 };
 
 static void
-on_task_done(void *ctx, const char *group, enum slot_status st, enum occamy_status res,
+on_task_done(void *ctx, const char *group, enum job_kind kind, enum occamy_status res,
 	     double seconds)
 {
 	struct metrics *m = ctx;
@@ -108,11 +100,11 @@ on_task_done(void *ctx, const char *group, enum slot_status st, enum occamy_stat
 	for (b = 0; b < DURATION_BUCKETS; b++)
 		if (seconds <= duration_bounds_s[b])
 			break;
-	g->buckets[st][b]++;
-	g->sum_s[st] += seconds;
-	g->count[st]++;
+	g->buckets[kind][b]++;
+	g->sum_s[kind] += seconds;
+	g->count[kind]++;
 	if ((unsigned)res < 6)
-		g->results[st][res]++;
+		g->results[kind][res]++;
 	pthread_mutex_unlock(&m->mu);
 }
 
@@ -159,7 +151,7 @@ metrics_sample(struct metrics *m)
 
 	if (m == NULL || m->sched == NULL)
 		return;
-	now.t = mono_s();
+	now.t = (double)clock_now_ns() / 1e9;
 	pthread_mutex_lock(&m->mu);
 	if (m->nsamples > 0 && now.t - m->last_sample_t < m->sample_s - 0.05) {
 		pthread_mutex_unlock(&m->mu);

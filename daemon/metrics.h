@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "sched.h"
+#include "scheduler.h"
 
 struct config;
 struct metrics;

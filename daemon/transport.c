@@ -67,7 +67,7 @@ void
 event_note(struct transport *t, const char *path, const char *what, const char *reason)
 {
 	struct transport_event *e = NULL;
-	uint64_t now = now_ns(), n;
+	uint64_t now = clock_now_ns(), n;
 	size_t klen = strcspn(reason, ":");
 	char key[sizeof(e->reason)];
 	unsigned i;
@@ -122,7 +122,7 @@ static void
 stop_begin(struct transport *t)
 {
 	t->stopping = true;
-	t->stop_deadline_ns = now_ns() + (uint64_t)STOP_DRAIN_MS * 1000000u;
+	t->stop_deadline_ns = clock_now_ns() + (uint64_t)STOP_DRAIN_MS * 1000000u;
 	if (t->consuming)
 		consumers_cancel(t);
 }
@@ -151,7 +151,7 @@ loop_wait(struct transport *t)
 	if (t->hooks.turn_max_ms > 0 && (int)t->hooks.turn_max_ms < timeout)
 		timeout = (int)t->hooks.turn_max_ms;
 	if (!t->connected) {
-		uint64_t now = now_ns();
+		uint64_t now = clock_now_ns();
 		/* Rounded up: no spinning through the last millisecond. */
 		uint64_t left = t->next_attempt_ns > now ? t->next_attempt_ns - now : 0;
 		uint64_t ms = (left + 999999u) / 1000000u;
@@ -190,9 +190,9 @@ transport_run(struct transport *t)
 			stop_begin(t);
 		/* While stopping, connect again only for plugin publishes still
 		 * to be sent, until the stop deadline. */
-		if (!t->connected && now_ns() >= t->next_attempt_ns &&
+		if (!t->connected && clock_now_ns() >= t->next_attempt_ns &&
 		    (!t->stopping ||
-		     (outgoing_queued(t) && now_ns() < t->stop_deadline_ns)))
+		     (outgoing_queued(t) && clock_now_ns() < t->stop_deadline_ns)))
 			connection_attempt(t);
 
 		settlements_drain(t);
@@ -201,7 +201,7 @@ transport_run(struct transport *t)
 			frames_read(t);
 		if (t->stopping &&
 		    ((!t->connected && !outgoing_queued(t)) || drained(t) ||
-		     now_ns() >= t->stop_deadline_ns))
+		     clock_now_ns() >= t->stop_deadline_ns))
 			break;
 		if (t->conn != NULL)
 			amqp_maybe_release_buffers(t->conn);
@@ -346,7 +346,7 @@ transport_new(const struct config *cfg, struct sched *s, const struct transport_
 	t->confirms_tail = &t->confirms;
 	t->deferred_tail = &t->deferred;
 	backoff_init(&t->backoff, BACKOFF_MIN_MS, BACKOFF_MAX_MS,
-		     now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t);
+		     clock_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t);
 	/* Stable for this process, unique across restarts and hosts. */
 	snprintf(t->control_queue, sizeof(t->control_queue), "%.120s.%.64s.%ld.%04x",
 		 t->control_exchange, host, (long)getpid(), (unsigned)(backoff_random(&t->backoff) & 0xffff));

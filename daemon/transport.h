@@ -19,7 +19,7 @@
 
 #include <occamy/plugin.h>
 
-#include "sched.h" /* enum settle_outcome */
+#include "scheduler.h" /* enum settle_outcome */
 
 struct config;
 struct sched;

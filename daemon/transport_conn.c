@@ -132,7 +132,7 @@ transport_lose(struct transport *t, bool clean, const char *fmt, ...)
 {
 	char why[512];
 	va_list ap;
-	uint64_t now = now_ns();
+	uint64_t now = clock_now_ns();
 
 	if (!t->connected)
 		return;
@@ -416,7 +416,7 @@ connection_attempt(struct transport *t)
 		t->connected = true;
 		t->blocked = false;
 		t->next_seq = 0;
-		t->connected_since_ns = now_ns();
+		t->connected_since_ns = clock_now_ns();
 		t->heartbeat_ms = (unsigned)amqp_get_heartbeat(t->conn) * 1000u;
 		if (t->failures > 0)
 			log_info("connected to %s after %u failed attempts", t->uri_masked,
@@ -436,7 +436,7 @@ connection_attempt(struct transport *t)
 	}
 
 	connection_close(t, clean);
-	now = now_ns();
+	now = clock_now_ns();
 	t->failures++;
 	/* Log the first failure and then every tenth, not every retry. */
 	if (t->failures == 1 || t->failures % 10 == 0)

@@ -28,8 +28,9 @@
 
 #include "amqp_fields.h"
 #include "backoff.h"
+#include "clock.h"
 #include "transport.h"
-#include "sched.h"
+#include "scheduler.h"
 
 #ifndef OCCAMY_VERSION
 #define OCCAMY_VERSION "dev"
@@ -240,15 +241,6 @@ struct topology {
 		(t)->stats.field += (n);                                       \
 		pthread_mutex_unlock(&(t)->lock);                              \
 	} while (0)
-
-static inline uint64_t
-now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 /* transport_settle.c: the scheduler's message_ops for a delivery. */
 extern const struct message_ops delivery_ops;

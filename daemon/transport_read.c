@@ -63,7 +63,7 @@ delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, amqp_
 	d->base.ops = &delivery_ops;
 	d->base.body = d->msg.body.bytes;
 	d->base.len = d->msg.body.len;
-	d->base.arrival_ns = now_ns();
+	d->base.arrival_ns = clock_now_ns();
 
 	if (d->channel == CH_REQUEST)
 		STAT_ADD(t, deliveries, 1);

@@ -44,8 +44,10 @@
  *
  * THREADING RULES
  *  - init and fini: see above.
- *  - task_new runs on the daemon's admission or control thread; it must be
- *    quick (parse, validate, allocate) and never block.
+ *  - task_new runs on the daemon's admission thread, on a control dispatcher
+ *    thread (help requests), or on the slot thread about to run the task (a
+ *    request that found a free slot at once); it must be quick (parse,
+ *    validate, allocate) and never block.
  *  - task_run runs on a slot thread and is the only long-running callback.
  *    Different tasks run concurrently on different threads.
  *  - task_expand runs on the expansion thread and task_handle on a control
@@ -216,10 +218,17 @@ struct occamy_host {
 
 	/* ABI 1.1: the header names occamy.ini configures (header_task_id,
 	 * header_handler), so plugins need not assume "task-id".  Check
-	 * host->size > offsetof(struct occamy_host, header_task_id) first. */
+	 * OCCAMY_HOST_HAS(host, header_task_id) first. */
 	const char *header_task_id;
 	const char *header_handler;
 };
+
+/* True if the host table the daemon passed is large enough to contain
+ * field: fields added in a later minor ABI are absent from an older
+ * daemon's table.  For example OCCAMY_HOST_HAS(host, header_task_id). */
+#define OCCAMY_HOST_HAS(host, field)                                           \
+	((host)->size >= offsetof(struct occamy_host, field) +                 \
+				 sizeof(((struct occamy_host *)0)->field))
 
 struct occamy_plugin {
 	uint32_t abi_major;

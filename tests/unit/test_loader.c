@@ -23,7 +23,7 @@
 #include "config.h"
 #include "loader.h"
 #include "log.h"
-#include "sched.h"
+#include "scheduler.h"
 
 static char plugin_dir[PATH_MAX]; /* absolute build/tests/plugins */
 static char private_dir[PATH_MAX]; /* 0700 scratch dir inside the build tree */

@@ -18,7 +18,8 @@
 #include <unistd.h>
 
 #include "log.h"
-#include "sched.h"
+#include "scheduler.h"
+#include "scheduler_impl.h" /* admit_decide() and struct slot */
 
 /* ---- fakes ---- */
 
@@ -1722,6 +1723,144 @@ test_stress_every_message_settled_exactly_once(void **state)
 }
 
 /* A failed test may leave tasks behind; do not blame the next one. */
+/* ---- the admission decision, without threads ---- */
+
+static struct slot
+slot_of(enum slot_status st, struct job *j, struct job *pending)
+{
+	return (struct slot){.status = st, .job = j, .pending = pending};
+}
+
+static void
+test_admit_decision_holds_every_request_during_shutdown(void **state)
+{
+	struct slot sl[2] = {slot_of(SLOT_EMPTY, NULL, NULL), slot_of(SLOT_EMPTY, NULL, NULL)};
+	struct admit_decision d = admit_decide(sl, 2, true);
+
+	(void)state;
+	assert_int_equal(d.action, ADMIT_WAIT);
+	assert_int_equal(d.slot, -1);
+}
+
+static void
+test_admit_decision_starts_in_the_first_unreserved_empty_slot(void **state)
+{
+	struct job p = {.kind = JOB_PROTECTED}, h = {.kind = JOB_INTERNAL};
+	struct slot sl[4] = {
+		slot_of(SLOT_PROTECTED, &p, NULL),
+		slot_of(SLOT_EMPTY, NULL, &p), /* reserved for an admission */
+		slot_of(SLOT_INTERNAL, &h, NULL),
+		slot_of(SLOT_EMPTY, NULL, NULL),
+	};
+	struct admit_decision d = admit_decide(sl, 4, false);
+
+	(void)state;
+	assert_int_equal(d.action, ADMIT_START);
+	assert_int_equal(d.slot, 3);
+}
+
+static void
+test_admit_decision_preempts_external_before_internal_then_newest(void **state)
+{
+	struct job i_old = {.kind = JOB_INTERNAL, .start_ns = 10};
+	struct job i_new = {.kind = JOB_INTERNAL, .start_ns = 30};
+	struct job e_old = {.kind = JOB_EXTERNAL, .start_ns = 5};
+	struct job e_new = {.kind = JOB_EXTERNAL, .start_ns = 20};
+	struct slot sl[4] = {
+		slot_of(SLOT_INTERNAL, &i_new, NULL),
+		slot_of(SLOT_EXTERNAL, &e_old, NULL),
+		slot_of(SLOT_INTERNAL, &i_old, NULL),
+		slot_of(SLOT_EXTERNAL, &e_new, NULL),
+	};
+	struct admit_decision d = admit_decide(sl, 4, false);
+
+	(void)state;
+	assert_int_equal(d.action, ADMIT_PREEMPT);
+	assert_int_equal(d.slot, 3); /* external, and the newest of them */
+	sl[1].status = sl[3].status = SLOT_PROTECTED;
+	d = admit_decide(sl, 4, false);
+	assert_int_equal(d.action, ADMIT_PREEMPT);
+	assert_int_equal(d.slot, 0); /* the newest internal */
+}
+
+static void
+test_admit_decision_waits_when_only_protected_or_cancelled_remain(void **state)
+{
+	struct job p = {.kind = JOB_PROTECTED};
+	struct job gone = {.kind = JOB_INTERNAL, .cancelled = true};
+	struct job reserved = {.kind = JOB_EXTERNAL};
+	struct slot sl[3] = {
+		slot_of(SLOT_PROTECTED, &p, NULL),
+		slot_of(SLOT_INTERNAL, &gone, NULL),
+		slot_of(SLOT_EXTERNAL, &reserved, &p), /* already being preempted */
+	};
+	struct admit_decision d = admit_decide(sl, 3, false);
+
+	(void)state;
+	assert_int_equal(d.action, ADMIT_WAIT);
+	assert_int_equal(d.slot, -1);
+}
+
+/* The kill timers are the admission thread's: an expand() that blocks the
+ * expansion thread must not keep a held request from going back. */
+static void
+test_gated_expand_does_not_delay_a_held_requests_requeue(void **state)
+{
+	struct sched *s = start(2, HELPER_PRIORITY_NORMAL); /* kill_timeout 200 ms */
+	struct recipe gated = {.mode = RUN_UNTIL_RELEASE, .expand_max = 64, .gated = true};
+	struct recipe r = {.mode = RUN_UNTIL_RELEASE};
+	struct recipe quick = {.mode = RUN_OK};
+	struct fake_msg *a = msg_new(&gated), *b = msg_new(&r), *c = msg_new(&quick);
+	struct fake_task *at;
+	uint64_t t0, took, bound;
+
+	(void)state;
+	sched_submit_request(s, &a->base);
+	WAIT_STATUS(s, SLOT_PROTECTED, 1, 2000);
+	at = task_of(a);
+	assert_true(wait_for(is_expanding, at, 2000)); /* the expansion thread is stuck */
+	sched_submit_request(s, &b->base);
+	WAIT_STATUS(s, SLOT_PROTECTED, 2, 2000);
+	t0 = mono_ns();
+	sched_submit_request(s, &c->base);
+	WAIT_SETTLED(c, 3000);
+	took = mono_ns() - t0;
+	assert_int_equal(c->outcome, SETTLE_REQUEUE);
+	assert_string_equal(c->reason, "no free slot");
+	/* The hold is max(kill_timeout, 1 s); a margin for a loaded machine. */
+	bound = (1000u + 500u * time_scale()) * 1000000ull;
+	assert_true(took >= 990000000u);
+	assert_true(took < bound);
+	assert_true(atomic_load(&at->expanding));
+	assert_false(atomic_load(&at->gate_open));
+
+	atomic_store(&at->gate_open, true);
+	atomic_store(&at->released, true);
+	atomic_store(&task_of(b)->released, true);
+	WAIT_SETTLED(a, 2000);
+	WAIT_SETTLED(b, 2000);
+	sched_shutdown(s);
+	finish(s);
+	msg_free(a);
+	msg_free(b);
+	msg_free(c);
+}
+
+/* Not the scheduler's, but the header every plugin includes: an ABI 1.0
+ * host table ends before header_task_id. */
+static void
+test_host_has_sees_only_fields_within_the_tables_size(void **state)
+{
+	struct occamy_host h = {.size = sizeof(struct occamy_host)};
+
+	(void)state;
+	assert_true(OCCAMY_HOST_HAS(&h, header_task_id));
+	assert_true(OCCAMY_HOST_HAS(&h, header_handler));
+	h.size = offsetof(struct occamy_host, header_task_id);
+	assert_false(OCCAMY_HOST_HAS(&h, header_task_id));
+	assert_true(OCCAMY_HOST_HAS(&h, plugin_state));
+}
+
 static int
 reset_counters(void **state)
 {
@@ -1770,6 +1909,12 @@ main(void)
 		cmocka_unit_test_setup(test_requests_arriving_during_shutdown_are_held_not_bounced, reset_counters),
 		cmocka_unit_test_setup(test_control_backlog_overflow_is_dead_lettered_not_acked, reset_counters),
 		cmocka_unit_test_setup(test_stress_every_message_settled_exactly_once, reset_counters),
+		cmocka_unit_test(test_admit_decision_holds_every_request_during_shutdown),
+		cmocka_unit_test(test_admit_decision_starts_in_the_first_unreserved_empty_slot),
+		cmocka_unit_test(test_admit_decision_preempts_external_before_internal_then_newest),
+		cmocka_unit_test(test_admit_decision_waits_when_only_protected_or_cancelled_remain),
+		cmocka_unit_test_setup(test_gated_expand_does_not_delay_a_held_requests_requeue, reset_counters),
+		cmocka_unit_test(test_host_has_sees_only_fields_within_the_tables_size),
 	};
 
 	log_init(-1);

@@ -1,10 +1,10 @@
 /*
- * sched.h - the slot scheduler: admission, preemption, expansion, control
+ * scheduler.h - the slot scheduler: admission, preemption, expansion, control
  * routing and shutdown.  Knows nothing of AMQP or dlopen: it sees messages
  * through struct message and tasks through struct task.
  */
-#ifndef OCCAMY_SCHED_H
-#define OCCAMY_SCHED_H
+#ifndef OCCAMY_SCHEDULER_H
+#define OCCAMY_SCHEDULER_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -94,6 +94,22 @@ enum slot_status {
 
 const char *slot_status_name(enum slot_status s);
 
+/* What a job is.  A slot running a job shows its kind as its status, so
+ * the values are the same. */
+enum job_kind {
+	JOB_PROTECTED = SLOT_PROTECTED, /* a request, settled when it returns */
+	JOB_INTERNAL = SLOT_INTERNAL,   /* a helper from a local task's expand() */
+	JOB_EXTERNAL = SLOT_EXTERNAL,   /* an external helper, from a help request */
+};
+
+const char *job_kind_name(enum job_kind k);
+
+static inline enum slot_status
+slot_status_of(enum job_kind k)
+{
+	return (enum slot_status)k;
+}
+
 enum helper_priority {
 	HELPER_PRIORITY_IDLE,   /* helpers on SCHED_IDLE threads; no kill wait */
 	HELPER_PRIORITY_NORMAL, /* helpers share the CPU; admission waits */
@@ -135,7 +151,7 @@ struct sched_stats {
 	uint64_t requeued_kill_timeout;
 	uint64_t settled[4];          /* by enum settle_outcome */
 	uint64_t make_task_errors;
-	uint64_t expansions[SLOT_STATUS_COUNT]; /* helpers started, by kind */
+	uint64_t expansions[SLOT_STATUS_COUNT]; /* helpers started, by job kind */
 	uint64_t external_drops[DROP_REASON_COUNT];
 	uint64_t helper_errors;       /* unprotected tasks that failed */
 	uint64_t control_routed;      /* control messages matched to >= 1 task */
@@ -165,7 +181,7 @@ struct slot_view {
 /* Hooks for observers (metrics, test recorders).  Called without locks. */
 struct sched_observer {
 	void *ctx;
-	void (*task_done)(void *ctx, const char *group, enum slot_status st,
+	void (*task_done)(void *ctx, const char *group, enum job_kind kind,
 			  enum occamy_status result, double seconds);
 };
 
@@ -209,4 +225,4 @@ int sched_slot_thread_policy(struct sched *s, unsigned slot);
 /* Policy of helper threads actually in force (for the start-up log line). */
 const char *sched_helper_mode(const struct sched *s);
 
-#endif /* OCCAMY_SCHED_H */
+#endif /* OCCAMY_SCHEDULER_H */
