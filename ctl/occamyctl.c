@@ -92,17 +92,25 @@ read_password(const char *path, char *buf, size_t len)
 	return 0;
 }
 
+/* Connect to one URI (number idx of n in [amqp] uri): log in, open the
+ * channel, declare the reply queue and consume from it.  On failure
+ * c->conn is destroyed and NULL. */
 static int
-ctl_connect(struct ctl *c)
+ctl_connect_one(struct ctl *c, const char *uri, size_t idx, size_t n)
 {
 	struct amqp_connection_info ci;
 	amqp_socket_t *sock;
-	char *url = xstrdup(c->cfg.uri), password[512] = "";
+	char *url = xstrdup(uri), password[512] = "";
 	amqp_queue_declare_ok_t *q;
 	int rc = -1;
 
 	if (amqp_parse_url(url, &ci) != AMQP_STATUS_OK) {
-		fprintf(stderr, "occamyctl: cannot parse uri in %s\n", c->cfg.file);
+		/* config_load() has checked it; never echo it (password) */
+		if (n > 1)
+			fprintf(stderr, "occamyctl: cannot parse URI %zu of %zu of uri in %s\n",
+				idx + 1, n, c->cfg.file);
+		else
+			fprintf(stderr, "occamyctl: cannot parse uri in %s\n", c->cfg.file);
 		goto out;
 	}
 	if (ci.vhost == NULL || ci.vhost[0] == '\0')
@@ -154,8 +162,34 @@ ctl_connect(struct ctl *c)
 		 (long)time(NULL));
 	rc = 0;
 out:
+	if (rc != 0 && c->conn != NULL) {
+		amqp_destroy_connection(c->conn);
+		c->conn = NULL;
+	}
 	explicit_bzero(password, sizeof(password));
+	explicit_bzero(url, strlen(url));
 	free(url);
+	return rc;
+}
+
+/* [amqp] uri may list several URIs (one per node of a cluster): try them
+ * in order until one connects. */
+static int
+ctl_connect(struct ctl *c)
+{
+	size_t n, i;
+	char **uris = config_uri_split(c->cfg.uri, &n);
+	int rc = -1;
+
+	for (i = 0; i < n && rc != 0; i++) {
+		rc = ctl_connect_one(c, uris[i], i, n);
+		if (rc != 0 && i + 1 < n)
+			fprintf(stderr, "occamyctl: trying URI %zu of %zu\n", i + 2, n);
+	}
+	if (rc != 0 && n > 1)
+		fprintf(stderr, "occamyctl: none of the %zu URIs in %s connected\n", n,
+			c->cfg.file);
+	config_uri_split_free(uris);
 	return rc;
 }
 

@@ -43,7 +43,9 @@ struct config {
 	char *helper_priority;          /* "idle" (default) or "normal" */
 
 	/* [amqp] */
-	char *uri;                      /* default amqp://guest@127.0.0.1:5672/ */
+	char *uri;                      /* default amqp://guest@127.0.0.1:5672/;
+					 * one or more, whitespace-separated
+					 * (config_uri_*) */
 	char *password_file;            /* default "" */
 	unsigned heartbeat_s;           /* default 30 */
 	char *tls_ca;                   /* default "" */
@@ -80,5 +82,20 @@ struct config {
  * sample_s; every other key is named like its field. */
 int config_load(const char *path, struct config *out, char *errbuf, size_t errlen);
 void config_free(struct config *c);
+
+/* [amqp] uri holds one or more URIs separated by whitespace (one per node
+ * of a cluster); config_load() has checked that each parses.  How many: */
+size_t config_uri_count(const char *uri);
+/* Copy URI number i (from 0) into buf.  Returns 0, or -1 (buf "") if there
+ * is no such URI or it does not fit in len bytes with its NUL. */
+int config_uri_nth(const char *uri, size_t i, char *buf, size_t len);
+/* All of them, as a malloc'ed NULL-terminated array (*n = its length, if n
+ * is not NULL); free it with config_uri_split_free (which also wipes the
+ * strings: they may hold a password). */
+char **config_uri_split(const char *uri, size_t *n);
+void config_uri_split_free(char **v);
+/* The index (0..n-1) a daemon starts at: a hash of its host name and pid,
+ * so a fleet spreads across the nodes; 0 if n is 0. */
+size_t config_uri_start(size_t n, const char *host, unsigned long pid);
 
 #endif /* OCCAMY_CONFIG_H */

@@ -23,7 +23,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from occamy_test import (  # noqa: E402
-    AMQP_URI, BUILD, ROOT, Daemon, ReplyQueue, broker_ctl, get_dead_letters, note,
+    AMQP_URI, BUILD, ROOT, Daemon, ReplyQueue, broker_ctl, free_port, get_dead_letters, note,
     publish_request, queue_counts, run_tests, timeout, SCALE)
 
 import pika  # noqa: E402
@@ -110,6 +110,40 @@ def test_occamyctl_submit_prints_the_error_reply_and_exits_at_once_with_its_stat
                 assert p.stderr.startswith("occamyctl: request failed: "), out_of(p)
             else:
                 assert p.stdout == "fine\n", out_of(p)
+        assert d.stop() == 0
+
+
+def _ini_with_uri(d, uri):
+    with open(d.ini) as f:
+        text = f.read()
+    text = re.sub(r"(?m)^uri = .*$", lambda m: "uri = " + uri, text, count=1)
+    path = os.path.join(d.dir, "ctl.ini")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@timeout(60)
+def test_occamyctl_tries_each_uri_of_a_list_in_order():
+    # [amqp] uri may name one URI per cluster node: occamyctl takes the first
+    # that connects, and names the ones that do not without their password.
+    secret = "Dead-" + uuid.uuid4().hex
+    dead = [f"amqp://guest:{secret}@127.0.0.1:{free_port()}/" for _ in range(2)]
+    with Daemon(["noop"], slots=1) as d:
+        ini = _ini_with_uri(d, f"{dead[0]} \t{dead[1]}  {AMQP_URI}")
+        path = os.path.join(d.dir, "body")
+        with open(path, "w") as f:
+            f.write("via the third")
+        p = run([OCCAMYCTL, "-c", ini, "-t", str(30 * SCALE), "submit", "noop", path])
+        assert p.returncode == 0 and p.stdout == "via the third\n", out_of(p)
+        assert "trying URI 3 of 3" in p.stderr, out_of(p)
+        assert secret not in p.stdout + p.stderr, out_of(p)
+
+        ini = _ini_with_uri(d, " ".join(dead))
+        p = run([OCCAMYCTL, "-c", ini, "-t", "2", "status"])
+        assert p.returncode == 69, out_of(p)
+        assert "none of the 2 URIs" in p.stderr, out_of(p)
+        assert secret not in p.stdout + p.stderr, out_of(p)
         assert d.stop() == 0
 
 

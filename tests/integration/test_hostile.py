@@ -540,6 +540,26 @@ def test_uri_that_cannot_be_parsed_is_a_configuration_error():
         d.close()
 
 
+def test_malformed_uri_in_a_list_is_named_by_position_without_any_password():
+    # [amqp] uri may list one URI per cluster node; occamyd -t checks each
+    # and names a bad one by file, line, key and position, echoing none.
+    port = amqp_port()
+    # (short: a line holds at most 198 characters)
+    secrets = ["Pw1-" + uuid.uuid4().hex[:12], "Raw/Slash-" + uuid.uuid4().hex[:12],
+               "Pw3-" + uuid.uuid4().hex[:12]]
+    uris = [f"amqp://u:{pw}@127.0.0.1:{port}/" for pw in secrets]
+    d = Daemon(["noop"], slots=1, uri=" ".join(uris), ready=False)
+    try:
+        rc, checked = run_check(d.ini)
+        assert rc == 78, f"occamyd -t accepts a list with a malformed URI (exit {rc}): {checked}"
+        want = re.escape(d.ini) + r":\d+: \[amqp\] key 'uri': URI 2 of 3 cannot be parsed"
+        assert re.search(want, checked), checked
+        for pw in secrets:
+            assert_secret_absent(pw, "occamyd -t output", checked)
+    finally:
+        d.close()
+
+
 def test_password_in_an_unparsable_uri_is_not_logged():
     port = amqp_port()
     secret = "Raw/Slash-" + uuid.uuid4().hex

@@ -312,6 +312,129 @@ test_plugin_options_keep_file_order_and_line_numbers(void **state)
 }
 
 static void
+test_uri_list_of_three_is_kept_raw_and_each_checked(void **state)
+{
+	struct config c;
+	const char *path;
+
+	(void)state;
+	path = write_conf("uris",
+			  "[amqp]\n"
+			  "uri = amqp://w:s3cret@10.0.0.1:5672/prod \t"
+			  "amqps://w@[::1]:5671/  amqp://n3/%2F\n");
+	if (config_load(path, &c, errbuf, sizeof(errbuf)) != 0)
+		fail_msg("%s", errbuf);
+	assert_string_equal(c.uri, "amqp://w:s3cret@10.0.0.1:5672/prod \t"
+				   "amqps://w@[::1]:5671/  amqp://n3/%2F");
+	assert_int_equal(config_uri_count(c.uri), 3);
+	config_free(&c);
+}
+
+static void
+test_uri_count_and_nth_split_at_any_whitespace(void **state)
+{
+	const char *list = "  amqp://a/ \t amqps://b:1/x\n\tamqp://c ";
+	char buf[32];
+
+	(void)state;
+	assert_int_equal(config_uri_count(""), 0);
+	assert_int_equal(config_uri_count(" \t "), 0);
+	assert_int_equal(config_uri_count("amqp://a/"), 1);
+	assert_int_equal(config_uri_count(list), 3);
+
+	assert_int_equal(config_uri_nth(list, 0, buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "amqp://a/");
+	assert_int_equal(config_uri_nth(list, 1, buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "amqps://b:1/x");
+	assert_int_equal(config_uri_nth(list, 2, buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "amqp://c");
+	assert_int_equal(config_uri_nth(list, 3, buf, sizeof(buf)), -1);
+	assert_string_equal(buf, "");
+	/* too long for buf: refused, not cut */
+	assert_int_equal(config_uri_nth(list, 1, buf, 13), -1);
+	assert_string_equal(buf, "");
+	assert_int_equal(config_uri_nth(list, 1, buf, 14), 0);
+	assert_string_equal(buf, "amqps://b:1/x");
+	assert_int_equal(config_uri_nth("", 0, buf, sizeof(buf)), -1);
+}
+
+static void
+test_uri_split_gives_a_null_terminated_array(void **state)
+{
+	size_t n = 99;
+	char **v;
+
+	(void)state;
+	v = config_uri_split(" amqp://a/ amqp://b/\tamqp://c/ ", &n);
+	assert_int_equal(n, 3);
+	assert_string_equal(v[0], "amqp://a/");
+	assert_string_equal(v[1], "amqp://b/");
+	assert_string_equal(v[2], "amqp://c/");
+	assert_null(v[3]);
+	config_uri_split_free(v);
+
+	v = config_uri_split("", &n);
+	assert_int_equal(n, 0);
+	assert_null(v[0]);
+	config_uri_split_free(v);
+	config_uri_split_free(NULL);
+}
+
+static void
+test_uri_start_is_in_range_stable_and_spreads(void **state)
+{
+	unsigned seen[3] = {0, 0, 0};
+	unsigned long pid;
+	size_t i;
+
+	(void)state;
+	assert_int_equal(config_uri_start(0, "h", 1), 0);
+	assert_int_equal(config_uri_start(1, "h", 1234), 0);
+	assert_int_equal(config_uri_start(3, "worker-1", 4242),
+			 config_uri_start(3, "worker-1", 4242));
+	assert_int_equal(config_uri_start(3, NULL, 7), config_uri_start(3, "", 7));
+	/* one host, consecutive pids: every node gets a fair share */
+	for (pid = 1000; pid < 1300; pid++) {
+		i = config_uri_start(3, "worker-1", pid);
+		assert_true(i < 3);
+		seen[i]++;
+	}
+	for (i = 0; i < 3; i++)
+		assert_in_range(seen[i], 60, 140);
+	/* one pid, many hosts */
+	memset(seen, 0, sizeof(seen));
+	for (pid = 0; pid < 300; pid++) {
+		char host[32];
+
+		snprintf(host, sizeof(host), "node%lu.example", pid);
+		seen[config_uri_start(3, host, 1)]++;
+	}
+	for (i = 0; i < 3; i++)
+		assert_in_range(seen[i], 60, 140);
+}
+
+static void
+test_bad_uri_in_a_list_is_named_by_position_not_echoed(void **state)
+{
+	struct config c;
+	const char *path;
+
+	(void)state;
+	path = write_conf("baduri",
+			  "[amqp]\n"
+			  "uri = amqp://a:pw1@h1/ amqp://someone:Raw/Sl4sh-s3cret@h2/ "
+			  "amqp://c:pw3@h3/\n");
+	assert_int_equal(config_load(path, &c, errbuf, sizeof(errbuf)), -1);
+	assert_non_null(strstr(errbuf, ":2: [amqp] key 'uri': URI 2 of 3 cannot be parsed as "
+				       "amqp[s]://user[:password]@host[:port]/[vhost]"));
+	assert_null(strstr(errbuf, "s3cret"));
+	assert_null(strstr(errbuf, "pw1"));
+	assert_null(strstr(errbuf, "pw3"));
+	assert_null(strstr(errbuf, "h2"));
+	assert_zeroed(&c);
+}
+
+static void
 test_multiple_errors_are_all_reported_in_line_order(void **state)
 {
 	struct config c;
@@ -740,6 +863,22 @@ static const struct bad_file bad_files[] = {
 	{"test_uri_without_amqp_scheme_is_refused_without_echoing_it",
 	 "[amqp]\nuri = amqps//user:s3cret@127.0.0.1:5672/\n",
 	 ":2: [amqp] key 'uri': must start with amqp:// or amqps://", 1},
+	{"test_uri_that_rabbitmq_c_cannot_parse_is_refused",
+	 "[amqp]\nuri = amqp://someone:Raw/Slash@127.0.0.1:5672/\n",
+	 ":2: [amqp] key 'uri': cannot be parsed as "
+	 "amqp[s]://user[:password]@host[:port]/[vhost]", 1},
+	{"test_uri_with_a_bad_port_is_refused",
+	 "[amqp]\nuri = amqp://h:99999/\n",
+	 ":2: [amqp] key 'uri': cannot be parsed as", 1},
+	{"test_empty_uri_is_refused",
+	 "[amqp]\nuri =\n",
+	 ":2: [amqp] key 'uri': must start with amqp:// or amqps://", 1},
+	{"test_second_uri_without_scheme_is_named_by_position",
+	 "[amqp]\nuri = amqp://h1/ h2:5672\n",
+	 ":2: [amqp] key 'uri': URI 2 of 2 must start with amqp:// or amqps://", 1},
+	{"test_first_of_three_uris_unparsable_is_named_by_position",
+	 "[amqp]\nuri = amqp://[::1/ amqp://h2/ amqp://h3/\n",
+	 ":2: [amqp] key 'uri': URI 1 of 3 cannot be parsed as", 1},
 	{"test_default_handler_must_name_a_plugin_section",
 	 "[server]\ndefault_handler = ghost\n[plugin noop]\npath = noop.so\n",
 	 ":2: [server] key 'default_handler': 'ghost' names no [plugin] section", 1},
@@ -847,6 +986,11 @@ main(void)
 		cmocka_unit_test(test_empty_file_is_valid_and_all_defaults),
 		cmocka_unit_test(test_every_key_is_parsed_into_its_field),
 		cmocka_unit_test(test_plugin_options_keep_file_order_and_line_numbers),
+		cmocka_unit_test(test_uri_list_of_three_is_kept_raw_and_each_checked),
+		cmocka_unit_test(test_uri_count_and_nth_split_at_any_whitespace),
+		cmocka_unit_test(test_uri_split_gives_a_null_terminated_array),
+		cmocka_unit_test(test_uri_start_is_in_range_stable_and_spreads),
+		cmocka_unit_test(test_bad_uri_in_a_list_is_named_by_position_not_echoed),
 		cmocka_unit_test(test_multiple_errors_are_all_reported_in_line_order),
 		cmocka_unit_test(test_overlong_line_is_an_error_and_later_lines_keep_their_numbers),
 		cmocka_unit_test(test_line_at_inih_limit_is_read_whole),
