@@ -195,6 +195,8 @@ transport_run(struct transport *t)
 		     (outgoing_queued(t) && clock_now_ns() < t->stop_deadline_ns)))
 			connection_attempt(t);
 
+		if (t->connected && t->reconsume_ns != 0 && clock_now_ns() >= t->reconsume_ns)
+			consumers_restart(t);
 		settlements_drain(t);
 		outgoing_flush(t);
 		if (t->connected)
@@ -215,7 +217,7 @@ transport_run(struct transport *t)
 		amqp_queue_delete(t->conn, CH_PUBLISH, amqp_cstring_bytes(t->control_queue), 0, 0);
 		(void)amqp_get_rpc_reply(t->conn);
 		connection_drop(t, true);
-		log_info("AMQP connection to %s closed", t->uri_masked);
+		log_info("AMQP connection to %s closed", t->nodes[t->node].masked);
 	}
 	/* From now on settle() frees directly; the broker has requeued. */
 	pthread_mutex_lock(&t->lock);
@@ -254,16 +256,26 @@ int
 transport_check_config(const struct config *cfg, char *why, size_t whylen)
 {
 	struct amqp_connection_info ci;
-	char *buf = xstrdup(cfg->uri);
+	size_t n;
+	char **v = config_uri_split(cfg->uri, &n);
 	struct stat st;
 	int rc = 0;
 
-	if (amqp_parse_url(buf, &ci) != AMQP_STATUS_OK) {
-		/* Never echo it: it may hold the password. */
-		snprintf(why, whylen, "%s: [amqp] key 'uri': cannot be parsed as "
-			 "amqp[s]://user[:password]@host[:port]/[vhost]", cfg->file);
+	for (size_t i = 0; i < n && rc == 0; i++) {
+		if (amqp_parse_url(v[i], &ci) != AMQP_STATUS_OK) {
+			/* Never echo it: it may hold the password. */
+			snprintf(why, whylen, "%s: [amqp] key 'uri': URI %zu of %zu cannot be "
+				 "parsed as amqp[s]://user[:password]@host[:port]/[vhost]",
+				 cfg->file, i + 1, n);
+			rc = -1;
+		}
+	}
+	if (rc == 0 && n == 0) {
+		snprintf(why, whylen, "%s: [amqp] key 'uri': no URI", cfg->file);
 		rc = -1;
-	} else if (cfg->password_file[0] != '\0') {
+	}
+	config_uri_split_free(v);
+	if (rc == 0 && cfg->password_file[0] != '\0') {
 		if (stat(cfg->password_file, &st) != 0 || access(cfg->password_file, R_OK) != 0) {
 			snprintf(why, whylen, "%s: [amqp] key 'password_file': %s: %s", cfg->file,
 				 cfg->password_file, strerror(errno));
@@ -274,8 +286,39 @@ transport_check_config(const struct config *cfg, char *why, size_t whylen)
 				  "chmod 600 it", cfg->password_file, (unsigned)(st.st_mode & 0777));
 		}
 	}
-	free(buf);
 	return rc;
+}
+
+/* [amqp] uri: one node per URI (config.c has checked that each parses). */
+static void
+nodes_parse(struct transport *t, const char *uri)
+{
+	char **v = config_uri_split(uri, &t->nnodes);
+
+	if (t->nnodes == 0) {
+		config_uri_split_free(v);
+		v = config_uri_split("amqp://guest@127.0.0.1:5672/", &t->nnodes);
+	}
+	t->nodes = xcalloc(t->nnodes, sizeof(*t->nodes));
+	for (size_t i = 0; i < t->nnodes; i++) {
+		struct broker_node *n = &t->nodes[i];
+		int rc;
+
+		n->uri_buf = xstrdup(v[i]);
+		n->masked = uri_mask(v[i]);
+		amqp_default_connection_info(&n->ci);
+		rc = amqp_parse_url(n->uri_buf, &n->ci);
+		if (rc != AMQP_STATUS_OK) {
+			/* A last resort: config.c refuses it first. */
+			log_warnx("cannot parse AMQP URI %s: %s", n->masked, amqp_error_string2(rc));
+			amqp_default_connection_info(&n->ci);
+		}
+		/* "amqp://host/" parses as the vhost "", which RabbitMQ
+		 * cannot have; everyone writing it means the default vhost. */
+		if (n->ci.vhost == NULL || n->ci.vhost[0] == '\0')
+			n->ci.vhost = "/";
+	}
+	config_uri_split_free(v);
 }
 
 struct transport *
@@ -283,21 +326,8 @@ transport_new(const struct config *cfg, struct sched *s, const struct transport_
 {
 	struct transport *t = xcalloc(1, sizeof(*t));
 	char host[200];
-	int rc;
 
-	t->uri_buf = xstrdup(cfg->uri);
-	t->uri_masked = uri_mask(cfg->uri);
-	amqp_default_connection_info(&t->ci);
-	rc = amqp_parse_url(t->uri_buf, &t->ci);
-	if (rc != AMQP_STATUS_OK) {
-		/* config.c validates the URI; this is a last resort. */
-		log_warnx("cannot parse AMQP URI %s: %s", t->uri_masked, amqp_error_string2(rc));
-		amqp_default_connection_info(&t->ci);
-	}
-	/* "amqp://host/" parses as the vhost "", which RabbitMQ cannot have;
-	 * everyone writing it means the default vhost. */
-	if (t->ci.vhost == NULL || t->ci.vhost[0] == '\0')
-		t->ci.vhost = "/";
+	nodes_parse(t, cfg->uri);
 	t->password_file = xstrdup(cfg->password_file);
 	t->tls_ca = xstrdup(cfg->tls_ca);
 	t->tls_cert = xstrdup(cfg->tls_cert);
@@ -330,6 +360,8 @@ transport_new(const struct config *cfg, struct sched *s, const struct transport_
 	if (gethostname(host, sizeof(host)) < 0)
 		snprintf(host, sizeof(host), "unknown");
 	host[sizeof(host) - 1] = '\0';
+	/* A fleet spreads across the nodes of a cluster. */
+	t->node = config_uri_start(t->nnodes, host, (unsigned long)getpid());
 	snprintf(t->connection_name, sizeof(t->connection_name), "occamyd@%s:%ld", host,
 		 (long)getpid());
 	t->consuming = true;
@@ -457,8 +489,12 @@ transport_destroy(struct transport *t)
 	close(t->wakefd);
 	pthread_mutex_destroy(&t->lock);
 	free(t->scratch);
-	free(t->uri_buf);
-	free(t->uri_masked);
+	for (size_t i = 0; i < t->nnodes; i++) {
+		explicit_bzero(t->nodes[i].uri_buf, strlen(t->nodes[i].uri_buf));
+		free(t->nodes[i].uri_buf);
+		free(t->nodes[i].masked);
+	}
+	free(t->nodes);
 	free(t->password_file);
 	free(t->tls_ca);
 	free(t->tls_cert);

@@ -73,6 +73,8 @@ connection_drop(struct transport *t, bool clean)
 
 	t->connected = false;
 	t->blocked = false;
+	t->reconsume_ns = 0;
+	memset(t->reconsume, 0, sizeof(t->reconsume));
 	t->generation++;
 	pthread_mutex_lock(&t->lock);
 	t->stats.connected = false;
@@ -127,6 +129,8 @@ connection_drop(struct transport *t, bool clean)
 }
 
 /* Lost: log once, drop, and schedule a reconnect. */
+static void node_next(struct transport *t);
+
 void
 transport_lose(struct transport *t, bool clean, const char *fmt, ...)
 {
@@ -139,12 +143,22 @@ transport_lose(struct transport *t, bool clean, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(why, sizeof(why), fmt, ap);
 	va_end(ap);
-	log_warnx("AMQP connection to %s lost: %s; reconnecting", t->uri_masked, why);
+	log_warnx("AMQP connection to %s lost: %s; reconnecting%s", t->nodes[t->node].masked,
+		  why, t->nnodes > 1 ? " to the next node" : "");
 	if (now - t->connected_since_ns >= (uint64_t)STABLE_MS * 1000000u)
 		backoff_reset(&t->backoff);
 	t->failures = 0;
 	t->next_attempt_ns = now + (uint64_t)backoff_now(&t->backoff) * 1000000u;
 	connection_drop(t, clean);
+	node_next(t);
+}
+
+/* Fail over: the next node of [amqp] uri, round the list. */
+static void
+node_next(struct transport *t)
+{
+	if (t->nnodes > 1)
+		t->node = (t->node + 1) % t->nnodes;
 }
 
 static bool
@@ -277,7 +291,7 @@ login(struct transport *t, char *why, size_t whylen, bool *clean)
 	amqp_table_entry_t caps[4], props[4];
 	amqp_table_t props_table = {4, props};
 	char password[PASSWORD_MAX];
-	const char *pass = t->ci.password;
+	const char *pass = t->nodes[t->node].ci.password;
 	amqp_rpc_reply_t r;
 
 	if (t->password_file[0] != '\0') {
@@ -298,19 +312,32 @@ login(struct transport *t, char *why, size_t whylen, bool *clean)
 	props[3].value.kind = AMQP_FIELD_KIND_TABLE;
 	props[3].value.value.table = (amqp_table_t){4, caps};
 
-	r = amqp_login_with_properties(t->conn, t->ci.vhost, 0, FRAME_MAX_WANTED,
+	r = amqp_login_with_properties(t->conn, t->nodes[t->node].ci.vhost, 0, FRAME_MAX_WANTED,
 				       (int)t->heartbeat_s, &props_table,
-				       AMQP_SASL_METHOD_PLAIN, t->ci.user, pass);
+				       AMQP_SASL_METHOD_PLAIN, t->nodes[t->node].ci.user, pass);
 	if (pass == password)
 		explicit_bzero(password, sizeof(password));
 	if (r.reply_type != AMQP_RESPONSE_NORMAL) {
 		char desc[300];
 		reply_describe(r, desc, sizeof(desc));
-		snprintf(why, whylen, "login as '%s': %s", t->ci.user, desc);
+		snprintf(why, whylen, "login as '%s': %s", t->nodes[t->node].ci.user, desc);
 		*clean = false;
 		return -1;
 	}
 	return 0;
+}
+
+/* basic.consume on the request (CH_REQUEST) or control (CH_CONTROL) queue. */
+static int
+consumer_start(struct transport *t, amqp_channel_t ch, char *why, size_t whylen, bool *clean)
+{
+	bool req = ch == CH_REQUEST;
+
+	amqp_basic_consume(t->conn, ch, amqp_cstring_bytes(req ? t->request_queue : t->control_queue),
+			   amqp_cstring_bytes(req ? "occamyd-requests" : "occamyd-control"), 0, 0, 0,
+			   amqp_empty_table);
+	return rpc_ok(t, req ? "consuming the request queue" : "consuming the control queue", why,
+		      whylen, clean) ? 0 : -1;
 }
 
 static int
@@ -324,7 +351,7 @@ connection_open(struct transport *t, char *why, size_t whylen, bool *clean)
 	t->conn = amqp_new_connection();
 	if (t->conn == NULL)
 		fatalx("amqp_new_connection: out of memory");
-	if (t->ci.ssl) {
+	if (t->nodes[t->node].ci.ssl) {
 		sock = amqp_ssl_socket_new(t->conn);
 		if (sock == NULL) {
 			snprintf(why, whylen, "cannot create a TLS socket");
@@ -350,7 +377,7 @@ connection_open(struct transport *t, char *why, size_t whylen, bool *clean)
 		if (sock == NULL)
 			fatalx("amqp_tcp_socket_new: out of memory");
 	}
-	rc = amqp_socket_open_noblock(sock, t->ci.host, t->ci.port, &tv);
+	rc = amqp_socket_open_noblock(sock, t->nodes[t->node].ci.host, t->nodes[t->node].ci.port, &tv);
 	if (rc != AMQP_STATUS_OK) {
 		snprintf(why, whylen, "%s", amqp_error_string2(rc));
 		return -1;
@@ -394,13 +421,8 @@ connection_open(struct transport *t, char *why, size_t whylen, bool *clean)
 		return -1;
 	if (!t->consuming)
 		return 0; /* quiesced: connected only to settle and publish */
-	amqp_basic_consume(t->conn, CH_REQUEST, amqp_cstring_bytes(t->request_queue),
-			   amqp_cstring_bytes("occamyd-requests"), 0, 0, 0, amqp_empty_table);
-	if (!rpc_ok(t, "consuming the request queue", why, whylen, clean))
-		return -1;
-	amqp_basic_consume(t->conn, CH_CONTROL, amqp_cstring_bytes(t->control_queue),
-			   amqp_cstring_bytes("occamyd-control"), 0, 0, 0, amqp_empty_table);
-	if (!rpc_ok(t, "consuming the control queue", why, whylen, clean))
+	if (consumer_start(t, CH_REQUEST, why, whylen, clean) < 0 ||
+	    consumer_start(t, CH_CONTROL, why, whylen, clean) < 0)
 		return -1;
 	return 0;
 }
@@ -419,10 +441,10 @@ connection_attempt(struct transport *t)
 		t->connected_since_ns = clock_now_ns();
 		t->heartbeat_ms = (unsigned)amqp_get_heartbeat(t->conn) * 1000u;
 		if (t->failures > 0)
-			log_info("connected to %s after %u failed attempts", t->uri_masked,
+			log_info("connected to %s after %u failed attempts", t->nodes[t->node].masked,
 				 t->failures);
 		else
-			log_info("connected to %s", t->uri_masked);
+			log_info("connected to %s", t->nodes[t->node].masked);
 		log_debug("AMQP heartbeat %u s, prefetch %u, control queue %s",
 			  t->heartbeat_ms / 1000, t->prefetch, t->control_queue);
 		t->failures = 0;
@@ -438,11 +460,37 @@ connection_attempt(struct transport *t)
 	connection_close(t, clean);
 	now = clock_now_ns();
 	t->failures++;
-	/* Log the first failure and then every tenth, not every retry. */
-	if (t->failures == 1 || t->failures % 10 == 0)
-		log_warnx("cannot connect to %s: %s (attempt %u; retrying every %u s at most)",
-			  t->uri_masked, why, t->failures, BACKOFF_MAX_MS / 1000);
+	/* Log the first failure at each node and then every tenth, not
+	 * every retry. */
+	if (t->failures <= t->nnodes || t->failures % 10 == 0)
+		log_warnx("cannot connect to %s: %s (attempt %u; retrying every %u s at most%s)",
+			  t->nodes[t->node].masked, why, t->failures, BACKOFF_MAX_MS / 1000,
+			  t->nnodes > 1 ? ", at the next node" : "");
 	t->next_attempt_ns = now + (uint64_t)backoff_next(&t->backoff) * 1000000u;
+	node_next(t);
+}
+
+/* The broker cancelled a consumer (its queue was deleted, or a quorum
+ * queue lost its leader): declare the topology again and consume again on
+ * the same channel, so what runs keeps its delivery tags.  Once a
+ * RECONSUME_MS at most. */
+void
+consumers_restart(struct transport *t)
+{
+	char why[512];
+	bool clean = true;
+
+	t->reconsume_ns = 0;
+	if (!t->consuming)
+		return;
+	if (topology_declare(t, why, sizeof(why), &clean) == 0 &&
+	    (!t->reconsume[CH_REQUEST] || consumer_start(t, CH_REQUEST, why, sizeof(why), &clean) == 0) &&
+	    (!t->reconsume[CH_CONTROL] || consumer_start(t, CH_CONTROL, why, sizeof(why), &clean) == 0)) {
+		log_info("consuming again after the broker cancelled a consumer");
+		t->reconsume[CH_REQUEST] = t->reconsume[CH_CONTROL] = false;
+		return;
+	}
+	transport_lose(t, clean, "consuming again: %s", why);
 }
 
 /* No new work: cancel both consumers; what arrives before cancel-ok goes

@@ -72,6 +72,7 @@ enum {
 /* Idle control queues (their daemon gone) are deleted after this. */
 #define CONTROL_QUEUE_EXPIRES_MS 120000
 #define RETRY_STEPS_MAX 16
+#define RECONSUME_MS 1000           /* after the broker cancelled a consumer */
 
 #define HEADER_ERROR "x-occamy-error"
 #define HEADER_STATUS "x-occamy-status"
@@ -156,11 +157,17 @@ enum publish_result {
 	PUB_LOST,    /* the connection broke */
 };
 
-struct transport {
-	/* Settings, copied at transport_new(). */
+/* One broker node of [amqp] uri. */
+struct broker_node {
 	char *uri_buf;  /* amqp_parse_url() points into this */
 	struct amqp_connection_info ci;
-	char *uri_masked;
+	char *masked;   /* for logs: the password as *** */
+};
+
+struct transport {
+	/* Settings, copied at transport_new(). */
+	struct broker_node *nodes;
+	size_t nnodes;
 	char *password_file;
 	char *tls_ca, *tls_cert, *tls_key;
 	bool tls_verify_peer, tls_verify_hostname;
@@ -209,6 +216,9 @@ struct transport {
 	unsigned failures;     /* consecutive failed attempts */
 	uint64_t next_attempt_ns;
 	uint64_t connected_since_ns;
+	size_t node;           /* of nodes[]: connected to, or to try next */
+	uint64_t reconsume_ns; /* the broker cancelled a consumer: consume again then */
+	bool reconsume[CH_PUBLISH + 1]; /* which consumers, by channel */
 	uint64_t event_logged_ns[TRANSPORT_EVENTS_MAX]; /* by stats.events[] */
 	uint64_t event_unlogged[TRANSPORT_EVENTS_MAX];
 };
@@ -262,6 +272,8 @@ void
 connection_attempt(struct transport *t);
 void
 consumers_cancel(struct transport *t);
+
+void consumers_restart(struct transport *t);
 
 /* transport_read.c */
 void

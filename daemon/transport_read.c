@@ -154,9 +154,14 @@ method_handle(struct transport *t, const amqp_frame_t *f)
 		break;
 	}
 	case AMQP_BASIC_CANCEL_METHOD: {
-		const amqp_basic_cancel_t *c = f->payload.method.decoded;
-		transport_lose(t, true, "the broker cancelled consumer %.*s (queue deleted?)",
-			       (int)c->consumer_tag.len, (const char *)c->consumer_tag.bytes);
+		/* Not a silent stop: consume again soon, on the same channel. */
+		if (f->channel == CH_REQUEST || f->channel == CH_CONTROL) {
+			t->reconsume[f->channel] = true;
+			if (t->reconsume_ns == 0)
+				t->reconsume_ns = clock_now_ns() + (uint64_t)RECONSUME_MS * 1000000u;
+		}
+		event_note(t, "reconsume", "consumer cancelled by the broker",
+			   f->channel == CH_REQUEST ? "request queue" : "control queue");
 		break;
 	}
 	case AMQP_CHANNEL_CLOSE_METHOD: {
