@@ -94,6 +94,9 @@ int config_uri_nth(const char *uri, size_t i, char *buf, size_t len);
  * strings: they may hold a password). */
 char **config_uri_split(const char *uri, size_t *n);
 void config_uri_split_free(char **v);
+/* 0 if every URI of the list parses as rabbitmq-c parses it; else -1 and
+ * why, naming the URI by its position, never echoing it (a password). */
+int config_uri_check(const char *uri, char *why, size_t whylen);
 /* The index (0..n-1) a daemon starts at: a hash of its host name and pid,
  * so a fleet spreads across the nodes; 0 if n is 0. */
 size_t config_uri_start(size_t n, const char *host, unsigned long pid);
