@@ -445,9 +445,13 @@ def _failover(how, n=400):
     need_failover()
     ensure_all_up()
     with Daemon(["sleep"], slots=4, uri=" ".join(URIS), queue_type="quorum", args=["-v"],
-                ready=False) as d:
+                ready=False) as d, \
+            Daemon(["sleep"], slots=2, uri=" ".join(URIS), queue_type="quorum", args=["-v"],
+                   ready=False, names=d.names) as d2:
         victim = wait_until(lambda: d._check_alive("before connecting") or daemon_node(d),
                             30, 0.1, "occamyd to connect to a node")
+        wait_until(lambda: d2._check_alive("before connecting") or daemon_node(d2),
+                   30, 0.1, "the second occamyd to connect to a node")
         survivor = next(letter for letter in LETTERS if letter != victim)
         wait_until(lambda: (consumers(survivor, d.names["request_queue"]) or 0) >= 1, 30, 0.2,
                    "occamyd to consume")
@@ -468,12 +472,18 @@ def _failover(how, n=400):
                      f"(at least once)")
                 assert not s.lost(), s.lost()
                 assert now_on not in (None, victim), now_on
-                # and it consumes there: requests published now are served
-                s.publish(20, prefix="late")
+                # Every daemon consumes again, wherever it was connected.
+                for x in (d, d2):
+                    wait_until(lambda: daemon_node(x) not in (None, victim), 30, 0.2,
+                               "every daemon connected to a node that is up")
+                note(f"second daemon on node {daemon_node(d2)}; reconnects: "
+                     f"{d.log().count('lost:')} and {d2.log().count('lost:')}")
+                # and they consume there: requests published now are served
+                s.publish(40, prefix="late")
                 s.pump(s.all_answered, what="replies to requests after the failover")
             finally:
                 s.close()
-        assert d.stop() == 0
+        assert d.stop() == 0 and d2.stop() == 0
 
 
 @timeout(420)
