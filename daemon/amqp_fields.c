@@ -18,37 +18,24 @@ bytes_of(const char *s)
 amqp_table_entry_t
 entry_string(const char *key, const char *value)
 {
-	amqp_table_entry_t e;
-
-	memset(&e, 0, sizeof(e));
-	e.key = amqp_cstring_bytes(key);
-	e.value.kind = AMQP_FIELD_KIND_UTF8;
-	e.value.value.bytes = bytes_of(value);
-	return e;
+	return (amqp_table_entry_t){.key = amqp_cstring_bytes(key),
+				    .value = {.kind = AMQP_FIELD_KIND_UTF8,
+					      .value.bytes = bytes_of(value)}};
 }
 
 amqp_table_entry_t
 entry_bool(const char *key, bool value)
 {
-	amqp_table_entry_t e;
-
-	memset(&e, 0, sizeof(e));
-	e.key = amqp_cstring_bytes(key);
-	e.value.kind = AMQP_FIELD_KIND_BOOLEAN;
-	e.value.value.boolean = value;
-	return e;
+	return (amqp_table_entry_t){.key = amqp_cstring_bytes(key),
+				    .value = {.kind = AMQP_FIELD_KIND_BOOLEAN,
+					      .value.boolean = value}};
 }
 
 amqp_table_entry_t
 entry_int(const char *key, int64_t value)
 {
-	amqp_table_entry_t e;
-
-	memset(&e, 0, sizeof(e));
-	e.key = amqp_cstring_bytes(key);
-	e.value.kind = AMQP_FIELD_KIND_I64;
-	e.value.value.i64 = value;
-	return e;
+	return (amqp_table_entry_t){.key = amqp_cstring_bytes(key),
+				    .value = {.kind = AMQP_FIELD_KIND_I64, .value.i64 = value}};
 }
 
 bool
