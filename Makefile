@@ -77,7 +77,7 @@ $(B)/tests/unit/%: $(B)/tests/unit/%.o $(CORE_OBJ)
 # The transport alone, with a fake scheduler (tests/tools/amqp_smoke.c).
 TRANSPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(wildcard daemon/transport*.c) \
 	daemon/amqp_fields.c daemon/backoff.c daemon/clock.c daemon/log.c daemon/config.c \
-	daemon/config_uri.c)
+	daemon/config_uri.c daemon/records.c)
 $(B)/tests/tools/amqp_smoke: $(B)/tests/tools/amqp_smoke.o $(TRANSPORT_OBJ)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
 
@@ -151,16 +151,17 @@ install: all
 	if [ ! -e $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini ]; then \
 	  sed -e 's|^plugin_dir = .*|plugin_dir = $(PLUGINDIR)|' conf/occamy.ini > $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini; \
 	  chmod 644 $(DESTDIR)$(SYSCONFDIR)/occamy/occamy.ini; fi
-	if [ -f systemd/occamyd.service.in ]; then \
+	for u in occamyd.service occamyd@.service; do \
+	  [ -f systemd/$$u.in ] || continue; \
 	  sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
-	    systemd/occamyd.service.in > $(DESTDIR)$(UNITDIR)/occamyd.service; fi
+	    systemd/$$u.in > $(DESTDIR)$(UNITDIR)/$$u; done
 	for m in man/*.[1-8]; do [ -f "$$m" ] || continue; s=$${m##*.}; \
 	  install -m 644 $$m $(DESTDIR)$(MANDIR)/man$$s/; done
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/occamyd $(DESTDIR)$(BINDIR)/occamyctl \
 	  $(DESTDIR)$(INCLUDEDIR)/occamy/plugin.h $(DESTDIR)$(PKGCONFIGDIR)/occamy-plugin.pc \
-	  $(DESTDIR)$(UNITDIR)/occamyd.service
+	  $(DESTDIR)$(UNITDIR)/occamyd.service $(DESTDIR)$(UNITDIR)/occamyd@.service
 	rm -f $(addprefix $(DESTDIR)$(PLUGINDIR)/,$(notdir $(PLUGINS)))
 	for m in man/*.[1-8]; do [ -f "$$m" ] || continue; s=$${m##*.}; \
 	  rm -f $(DESTDIR)$(MANDIR)/man$$s/$${m##*/}; done

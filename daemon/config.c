@@ -81,6 +81,8 @@ static const struct keyword keywords[] = {
 	UINT(SEC_SERVER, external_ttl_s, 1, 86400, "60"),
 	STR(SEC_SERVER, plugin_dir, OCCAMY_PLUGIN_DIR, true),
 	ENUM(SEC_SERVER, helper_priority, "idle", priorities),
+	STR(SEC_SERVER, state_dir, "/var/lib/occamy", true),
+	UINT(SEC_SERVER, crash_limit, 0, 100, "2"),
 
 	{SEC_AMQP, "uri", K_URI, F(uri), 0, 0, "amqp://guest@127.0.0.1:5672/", NULL, false},
 	STR(SEC_AMQP, password_file, "", false),

@@ -41,6 +41,8 @@ struct config {
 	unsigned external_ttl_s;        /* default 60 */
 	char *plugin_dir;               /* default PREFIX/lib/occamy/plugins */
 	char *helper_priority;          /* "idle" (default) or "normal" */
+	char *state_dir;                /* default /var/lib/occamy */
+	unsigned crash_limit;           /* default 2; 0 = off */
 
 	/* [amqp] */
 	char *uri;                      /* default amqp://guest@127.0.0.1:5672/;

@@ -25,6 +25,7 @@
 #include "loader.h"
 #include "log.h"
 #include "metrics.h"
+#include "records.h"
 #include "scheduler.h"
 
 #ifndef OCCAMY_VERSION
@@ -36,11 +37,14 @@
 
 struct daemon {
 	const char *config_path;
+	const char *state_dir; /* -s: overrides [server] state_dir */
 	struct config cfg;
 	struct router *router;
 	struct sched *sched;
 	struct transport *transport;
 	struct metrics *metrics;
+	struct records *records;    /* NULL: no record keeping */
+	struct crash_report crash;  /* what the previous run left */
 	pthread_t transport_thread;
 
 	/* Written by the transport thread, read by main: atomics. */
@@ -49,12 +53,24 @@ struct daemon {
 	atomic_uint_fast64_t last_ping_ns;
 };
 
+/* What the command line says over the file: -s DIR (one state directory
+ * per instance of the template unit). */
+static void
+config_override(const struct daemon *d, struct config *cfg)
+{
+	if (d->state_dir != NULL) {
+		free(cfg->state_dir);
+		cfg->state_dir = xstrdup(d->state_dir);
+	}
+}
+
 static void
 usage(FILE *f)
 {
 	fprintf(f,
-		"usage: occamyd [-fhqtvV] [-c FILE]\n"
+		"usage: occamyd [-fhqtvV] [-c FILE] [-s DIR]\n"
 		"  -c FILE  configuration (default %s)\n"
+		"  -s DIR   state directory, instead of [server] state_dir\n"
 		"  -t       test the configuration and load every plugin, then exit\n"
 		"  -f       stay in the foreground (the default: occamyd never forks;\n"
 		"           run it under systemd, Type=notify)\n"
@@ -155,9 +171,50 @@ on_status_command(void *ctx, size_t *len)
 			v[i].task_id[0] ? v[i].task_id : "-", v[i].age_s,
 			v[i].stuck ? " STUCK" : "");
 	free(v);
+	if (d->crash.crashed) {
+		fprintf(f, "crashed before this start: pid %ld, crash %llu of this state_dir, "
+			"%zu requests in flight\n", d->crash.pid,
+			(unsigned long long)d->crash.crashes_total, d->crash.ntasks);
+		for (size_t k = 0; k < d->crash.ntasks; k++)
+			fprintf(f, "suspect %s handler %s task %s\n", d->crash.tasks[k].fingerprint,
+				d->crash.tasks[k].handler[0] ? d->crash.tasks[k].handler : "-",
+				d->crash.tasks[k].task_id[0] ? d->crash.tasks[k].task_id : "-");
+	}
 	fclose(f);
 	*len = n;
 	return text;
+}
+
+/* Record keeping: take state_dir, say what a crash of the previous run
+ * left in flight, then keep records of this run's requests. */
+static void
+records_start(struct daemon *d)
+{
+	unsigned prefetch = d->cfg.prefetch > 0 ? d->cfg.prefetch : d->cfg.slots;
+	int64_t now = clock_wall_ms();
+
+	/* Deliveries in hand: at most the prefetch, twice for a reconnect's
+	 * overlap with deliveries of the old connection still settling. */
+	d->records = records_open(d->cfg.state_dir, 2 * prefetch + 1, d->config_path,
+				  d->cfg.slots, &d->crash);
+	if (d->crash.crashed) {
+		log_warnx("the previous run (pid %ld) did not stop cleanly: crash %llu of state_dir "
+			  "%s, %zu requests were in flight", d->crash.pid,
+			  (unsigned long long)d->crash.crashes_total, d->cfg.state_dir,
+			  d->crash.ntasks);
+		for (size_t i = 0; i < d->crash.ntasks; i++) {
+			const struct record_info *ri = &d->crash.tasks[i];
+			log_warnx("in flight at the crash: handler %s, task id %s, message %s, for "
+				  "%.1f s, lost %lld times before",
+				  ri->handler[0] ? ri->handler : "-", ri->task_id[0] ? ri->task_id : "-",
+				  ri->fingerprint, (double)(now - ri->started_ms) / 1000.0,
+				  (long long)ri->redeliveries);
+		}
+	}
+	if (d->crash.torn > 0)
+		log_warnx("state_dir %s: %zu torn records ignored", d->cfg.state_dir, d->crash.torn);
+	transport_set_records(d->transport, d->records);
+	metrics_set_crash_report(d->metrics, &d->crash);
 }
 
 static void
@@ -204,6 +261,8 @@ static const struct restart_key {
 	KEY("[server] helper_priority", KEY_STRING, helper_priority),
 	KEY("[server] header_task_id", KEY_STRING, header_task_id),
 	KEY("[server] header_handler", KEY_STRING, header_handler),
+	KEY("[server] state_dir", KEY_STRING, state_dir),
+	KEY("[server] crash_limit", KEY_UNSIGNED, crash_limit),
 	KEY("[amqp] uri", KEY_STRING, uri),
 	KEY("[amqp] password_file", KEY_STRING, password_file),
 	KEY("[amqp] heartbeat_s", KEY_UNSIGNED, heartbeat_s),
@@ -289,6 +348,7 @@ reload(struct daemon *d)
 		log_warnx("reload refused, keeping the running configuration:\n%s", errs);
 		goto done;
 	}
+	config_override(d, &ncfg);
 	if (transport_check_config(&ncfg, errs, sizeof(errs)) != 0) {
 		log_warnx("reload refused, keeping the running configuration:\n%s", errs);
 		config_free(&ncfg);
@@ -353,9 +413,10 @@ main(int argc, char **argv)
 	uint64_t usec = 0;
 	sigset_t sigs;
 
-	while ((ch = getopt(argc, argv, "c:fhqtvV")) != -1) {
+	while ((ch = getopt(argc, argv, "c:fhqs:tvV")) != -1) {
 		switch (ch) {
 		case 'c': d.config_path = optarg; break;
+		case 's': d.state_dir = optarg; break;
 		case 'f': break;
 		case 'h': usage(stdout); return 0;
 		case 'q': verbosity--; break;
@@ -386,6 +447,7 @@ main(int argc, char **argv)
 		print_errors(errs);
 		return EX_CONFIG;
 	}
+	config_override(&d, &d.cfg);
 	if (transport_check_config(&d.cfg, errs, sizeof(errs)) != 0) {
 		print_errors(errs);
 		config_free(&d.cfg);
@@ -420,6 +482,7 @@ main(int argc, char **argv)
 	}
 	d.transport = transport_new(&d.cfg, d.sched, &hooks);
 	metrics_attach_transport(d.metrics, d.transport);
+	records_start(&d);
 	router_set_publisher(d.router, publish_via_transport, d.transport);
 	if (pthread_create(&d.transport_thread, NULL, transport_main, d.transport) != 0)
 		fatal("cannot start the transport thread");
@@ -467,6 +530,8 @@ main(int argc, char **argv)
 	metrics_stop(d.metrics);
 	sched_free(d.sched);
 	transport_free(d.transport);
+	records_close(d.records);
+	crash_report_free(&d.crash);
 	metrics_free(d.metrics);
 	router_free(d.router);
 	config_free(&d.cfg);

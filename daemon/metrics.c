@@ -22,6 +22,7 @@
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
+#include "records.h"
 
 #define GROUPS_MAX 64 /* distinct task groups tracked; the rest are "other" */
 #define DURATION_BUCKETS 12
@@ -39,6 +40,8 @@ struct group_stats {
 	uint64_t results[SLOT_STATUS_COUNT][6]; /* by enum occamy_status */
 };
 
+#define SUSPECTS_MAX 64
+
 struct metrics {
 	pthread_mutex_t mu;
 	struct sched *sched;
@@ -55,6 +58,11 @@ struct metrics {
 
 	struct group_stats groups[GROUPS_MAX];
 	unsigned ngroups;
+
+	/* Set once before the endpoint starts; read-only after. */
+	uint64_t crashes_total;
+	struct record_info suspects[SUSPECTS_MAX];
+	unsigned nsuspects;
 };
 
 double
@@ -139,6 +147,17 @@ void
 metrics_attach_transport(struct metrics *m, struct transport *t)
 {
 	m->transport = t;
+}
+
+void
+metrics_set_crash_report(struct metrics *m, const struct crash_report *rep)
+{
+	pthread_mutex_lock(&m->mu);
+	m->crashes_total = rep->crashes_total;
+	m->nsuspects = 0;
+	for (size_t i = 0; i < rep->ntasks && m->nsuspects < SUSPECTS_MAX; i++)
+		m->suspects[m->nsuspects++] = rep->tasks[i];
+	pthread_mutex_unlock(&m->mu);
 }
 
 void
@@ -401,6 +420,21 @@ metrics_render(struct metrics *m, FILE *out)
 		fprintf(out, "occamy_transport_events_total{path=\"%s\",reason=\"%s\"} %llu\n",
 			ts.events[i].path, reason, (unsigned long long)ts.events[i].count);
 	}
+	HELP("occamy_crashes_total", "counter",
+	     "Runs of this state_dir that did not stop cleanly, counted at start.");
+	pthread_mutex_lock(&m->mu);
+	fprintf(out, "occamy_crashes_total %llu\n", (unsigned long long)m->crashes_total);
+	HELP("occamy_crash_suspect", "gauge",
+	     "Requests in flight when the previous run crashed (1 each).");
+	for (i = 0; i < m->nsuspects; i++) {
+		char fp[2 * RECORD_FINGERPRINT_MAX], h[2 * RECORD_NAME_MAX], id[2 * RECORD_NAME_MAX];
+		label_escape(fp, sizeof(fp), m->suspects[i].fingerprint);
+		label_escape(h, sizeof(h), m->suspects[i].handler);
+		label_escape(id, sizeof(id), m->suspects[i].task_id);
+		fprintf(out, "occamy_crash_suspect{message=\"%s\",handler=\"%s\",task_id=\"%s\"} 1\n",
+			fp, h, id);
+	}
+	pthread_mutex_unlock(&m->mu);
 	HELP("occamy_frame_max_bytes", "gauge", "AMQP frame size negotiated with the broker.");
 	fprintf(out, "occamy_frame_max_bytes %u\n", ts.frame_max);
 	HELP("occamy_stale_settlements_total", "counter",

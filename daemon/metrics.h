@@ -35,6 +35,10 @@ struct metrics *metrics_new(const struct config *cfg);
 const struct sched_observer *metrics_observer(struct metrics *m);
 void metrics_attach(struct metrics *m, struct sched *s);
 void metrics_attach_transport(struct metrics *m, struct transport *t);
+struct crash_report;
+/* What the previous run left (records.h): occamy_crashes_total and the
+ * suspects.  Before metrics_start(). */
+void metrics_set_crash_report(struct metrics *m, const struct crash_report *rep);
 /* Start the HTTP endpoint if [metrics] listen is set; 0 on success or off. */
 int metrics_start(struct metrics *m);
 /* Call about once a second: takes a window sample every sample period. */

@@ -341,6 +341,7 @@ transport_new(const struct config *cfg, struct sched *s, const struct transport_
 	if (t->prefetch > 65535)
 		t->prefetch = 65535;
 	t->delivery_limit = cfg->delivery_limit;
+	t->crash_limit = cfg->crash_limit;
 	t->quorum = cfg->queue_type != NULL && strcmp(cfg->queue_type, "quorum") == 0;
 	t->request_queue = xstrdup(cfg->request_queue);
 	t->request_exchange = xstrdup(cfg->request_exchange);
@@ -384,6 +385,12 @@ transport_new(const struct config *cfg, struct sched *s, const struct transport_
 		 t->control_exchange, host, (long)getpid(), (unsigned)(backoff_random(&t->backoff) & 0xffff));
 	t->frame_max_shared = AMQP_DEFAULT_FRAME_SIZE; /* until connected */
 	return t;
+}
+
+void
+transport_set_records(struct transport *t, struct records *r)
+{
+	t->records = r;
 }
 
 void

@@ -108,6 +108,11 @@ int transport_run(struct transport *t);
  * (bounded by a short timeout). */
 void transport_stop(struct transport *t);
 
+struct records;
+/* Before transport_run(): keep a record of every request in hand there
+ * (records.h); NULL: none. */
+void transport_set_records(struct transport *t, struct records *r);
+
 /* Thread-safe: cancel the consumers (nothing new arrives) but keep the
  * connection, so that running requests are still settled on it.  The first
  * step of a graceful stop. */

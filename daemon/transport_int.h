@@ -29,6 +29,7 @@
 #include "amqp_fields.h"
 #include "backoff.h"
 #include "clock.h"
+#include "records.h"
 #include "transport.h"
 #include "scheduler.h"
 
@@ -79,6 +80,7 @@ enum {
 #define HEADER_OUTCOME "x-occamy-handler-outcome"
 #define HEADER_ATTEMPTS "x-occamy-attempts"
 #define HEADER_REQUEUES "x-occamy-requeues"
+#define HEADER_REDELIVERIES "x-occamy-redeliveries"
 
 /* A message being assembled from its frames (method, header, body), one
  * per channel: frames of different channels may interleave. */
@@ -86,6 +88,7 @@ struct incoming {
 	enum { IN_IDLE, IN_HEADER, IN_BODY } state;
 	bool is_return;        /* basic.return on CH_PUBLISH */
 	uint64_t tag;          /* basic.deliver */
+	bool redelivered;      /* basic.deliver */
 	uint16_t return_code;  /* basic.return */
 	char routing_key[SHORTSTR_MAX + 1];
 	amqp_message_t msg;    /* properties in msg.pool, body malloc()ed */
@@ -104,6 +107,9 @@ struct delivery {
 	uint64_t tag;
 	amqp_channel_t channel;
 	uint64_t attempts;      /* failed attempts before this delivery */
+	bool redelivered;       /* the broker's flag: lost with a connection before */
+	int64_t redeliveries;   /* lost with a connection, all copies counted */
+	int record_slot;        /* in state_dir's tasks file, or -1 */
 	amqp_message_t msg;
 	struct occamy_header *items; /* base.headers; strings in the same block */
 
@@ -171,7 +177,8 @@ struct transport {
 	char *password_file;
 	char *tls_ca, *tls_cert, *tls_key;
 	bool tls_verify_peer, tls_verify_hostname;
-	unsigned heartbeat_s, prefetch, delivery_limit;
+	unsigned heartbeat_s, prefetch, delivery_limit, crash_limit;
+	struct records *records; /* NULL: no record keeping */
 	bool quorum;
 	char *request_queue, *request_exchange, *control_exchange;
 	char *dl_exchange, *dl_queue;
@@ -277,7 +284,8 @@ void consumers_restart(struct transport *t);
 
 /* transport_read.c */
 void
-delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, amqp_message_t *msg);
+delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, bool redelivered,
+		amqp_message_t *msg);
 void
 frames_read(struct transport *t);
 

@@ -100,6 +100,8 @@ error_status(const struct delivery *d)
 
 	if (d->handler_outcome != NULL && strcmp(d->handler_outcome, "retries-exhausted") == 0)
 		return "internal_error";
+	if (d->handler_outcome != NULL && strcmp(d->handler_outcome, "crash-limit") == 0)
+		return "crashed";
 	if (strncmp(d->reason, "invalid_task: unknown handler", 29) == 0)
 		return "unknown_handler";
 	for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
@@ -264,7 +266,7 @@ void
 copy_publish(struct transport *t, struct delivery *d, bool retry)
 {
 	amqp_basic_properties_t p;
-	amqp_table_entry_t extra[1], *e;
+	amqp_table_entry_t extra[2], *e;
 	const char *exchange = t->request_exchange;
 	char rkey[300], why[REASON_MAX];
 	enum publish_result r;
@@ -287,6 +289,9 @@ copy_publish(struct transport *t, struct delivery *d, bool retry)
 				 t->retry_delay_ms[k]);
 		}
 	}
+	/* The crash guard's count goes on with the copy. */
+	if (d->redeliveries > 0)
+		extra[nextra++] = entry_int(HEADER_REDELIVERIES, d->redeliveries);
 	e = copy_properties(&d->msg.properties, extra, nextra, &p);
 	r = publish_checked(t, exchange, amqp_cstring_bytes(rkey), false, &p, d->msg.body, why,
 			    sizeof(why));

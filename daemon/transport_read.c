@@ -46,8 +46,107 @@ properties_copyable(struct transport *t, const amqp_basic_properties_t *p)
 	return rc >= 0 && (size_t)rc + COPY_HEADROOM + HEADER_FRAME_OVERHEAD <= t->frame_max;
 }
 
+/* What identifies a request across copies and redeliveries: its
+ * message id, or a hash of its body, correlation id, handler and task id. */
+static void
+fingerprint_of(const struct delivery *d, const char *handler, const char *task_id, char *out,
+	       size_t len)
+{
+	const amqp_basic_properties_t *p = &d->msg.properties;
+	uint64_t h = 0xcbf29ce484222325u;
+	const unsigned char *b;
+
+	if ((p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) && p->message_id.len > 0 &&
+	    p->message_id.len < len) {
+		snprintf(out, len, "%.*s", (int)p->message_id.len, (const char *)p->message_id.bytes);
+		return;
+	}
+	b = d->msg.body.bytes;
+	for (size_t i = 0; i < d->msg.body.len; i++)
+		h = (h ^ b[i]) * 0x100000001b3u;
+	if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) {
+		b = p->correlation_id.bytes;
+		for (size_t i = 0; i < p->correlation_id.len; i++)
+			h = (h ^ b[i]) * 0x100000001b3u;
+	}
+	for (const char *c = handler; *c != '\0'; c++)
+		h = (h ^ (unsigned char)*c) * 0x100000001b3u;
+	h = (h ^ 0xff) * 0x100000001b3u;
+	for (const char *c = task_id; *c != '\0'; c++)
+		h = (h ^ (unsigned char)*c) * 0x100000001b3u;
+	snprintf(out, len, "fnv-%016" PRIx64, h);
+}
+
+static const char *
+header_text(const struct delivery *d, const char *key)
+{
+	const struct occamy_header *h = occamy_headers_find(&d->base.headers, key);
+
+	return h != NULL && h->kind == OCCAMY_VALUE_STRING ? h->str : "";
+}
+
+/* The crash guard: on how many daemons was this request in flight when
+ * they crashed or lost their connection?  The count travels with the
+ * request (x-occamy-redeliveries, plus a quorum queue's x-delivery-count,
+ * or a classic queue's redelivered flag).  At crash_limit it is
+ * dead-lettered instead of run again.  A classic queue says only
+ * "redelivered", so a new loss is written into a copy, which runs when it
+ * comes back.  Returns true if it settled d. */
+static bool
+crash_guard(struct transport *t, struct delivery *d)
+{
+	const struct occamy_header *h = occamy_headers_find(&d->base.headers, HEADER_REDELIVERIES);
+	int64_t lost = h != NULL && h->kind == OCCAMY_VALUE_INT && h->i > 0 ? h->i : 0;
+	bool new_loss = false;
+
+	if (t->quorum) {
+		h = occamy_headers_find(&d->base.headers, "x-delivery-count");
+		if (h != NULL && h->kind == OCCAMY_VALUE_INT && h->i > 0)
+			lost += h->i;
+	} else if (d->redelivered) {
+		lost++;
+		new_loss = true;
+	}
+	d->redeliveries = lost;
+	if (t->crash_limit > 0 && lost >= t->crash_limit) {
+		d->outcome = SETTLE_DEAD_LETTER;
+		d->handler_outcome = "crash-limit";
+		snprintf(d->reason, sizeof(d->reason),
+			 "crashed %" PRId64 " servers: in flight on %" PRId64
+			 " daemons that crashed or lost their connection (crash_limit %u)",
+			 lost, lost, t->crash_limit);
+		settlement_carry_out(t, d);
+		return true;
+	}
+	if (new_loss && t->crash_limit > 0) {
+		d->outcome = SETTLE_REQUEUE;
+		snprintf(d->reason, sizeof(d->reason), "redelivered: lost with a connection");
+		settlement_carry_out(t, d);
+		return true;
+	}
+	return false;
+}
+
+/* Record keeping: the request is in hand from now until it is settled. */
+static void
+record_begin(struct transport *t, struct delivery *d)
+{
+	struct record_info ri;
+
+	if (t->records == NULL)
+		return;
+	memset(&ri, 0, sizeof(ri));
+	snprintf(ri.handler, sizeof(ri.handler), "%s", header_text(d, t->header_handler));
+	snprintf(ri.task_id, sizeof(ri.task_id), "%s", header_text(d, t->header_task_id));
+	fingerprint_of(d, ri.handler, ri.task_id, ri.fingerprint, sizeof(ri.fingerprint));
+	ri.started_ms = clock_wall_ms();
+	ri.redeliveries = d->redeliveries;
+	d->record_slot = records_begin(t->records, &ri);
+}
+
 void
-delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, amqp_message_t *msg)
+delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, bool redelivered,
+		amqp_message_t *msg)
 {
 	struct delivery *d = xcalloc(1, sizeof(*d));
 	char why[REASON_MAX];
@@ -57,6 +156,8 @@ delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, amqp_
 	d->generation = t->generation;
 	d->tag = tag;
 	d->channel = channel;
+	d->redelivered = redelivered;
+	d->record_slot = -1;
 	d->msg = *msg; /* take it over */
 	memset(msg, 0, sizeof(*msg));
 
@@ -107,6 +208,11 @@ delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, amqp_
 	    (h = occamy_headers_find(&d->base.headers, HEADER_ATTEMPTS)) != NULL &&
 	    h->kind == OCCAMY_VALUE_INT && h->i > 0)
 		d->attempts = (uint64_t)h->i;
+	if (d->channel == CH_REQUEST) {
+		if (crash_guard(t, d))
+			return;
+		record_begin(t, d);
+	}
 
 	pthread_mutex_lock(&t->lock);
 	t->outstanding++;
@@ -133,7 +239,7 @@ incoming_complete(struct transport *t, amqp_channel_t ch)
 		memset(in, 0, sizeof(*in));
 		return;
 	}
-	delivery_accept(t, ch, in->tag, &msg);
+	delivery_accept(t, ch, in->tag, in->redelivered, &msg);
 }
 
 /* A method frame that is not basic.deliver or basic.return. */
@@ -229,6 +335,7 @@ frame_handle(struct transport *t, const amqp_frame_t *f)
 		    (f->channel == CH_REQUEST || f->channel == CH_CONTROL)) {
 			const amqp_basic_deliver_t *dm = f->payload.method.decoded;
 			in->tag = dm->delivery_tag;
+			in->redelivered = dm->redelivered;
 		} else if (f->payload.method.id == AMQP_BASIC_RETURN_METHOD) {
 			const amqp_basic_return_t *rm = f->payload.method.decoded;
 			in->is_return = true;

@@ -29,8 +29,11 @@ const struct message_ops delivery_ops = {
 void
 delivery_free(struct delivery *d)
 {
-	/* Plain memory of this delivery: no connection state is touched, so
-	 * this is safe on any thread. */
+	/* Settled, or gone with its connection: out of hand.  Owner thread:
+	 * other threads clear record_slot first (settlement_enqueue). */
+	if (d->record_slot >= 0)
+		records_end(d->t->records, d->record_slot);
+	/* Plain memory of this delivery: no connection state is touched. */
 	amqp_destroy_message(&d->msg);
 	free(d->items);
 	free(d->reply);
@@ -83,7 +86,9 @@ settlement_enqueue(struct message *m, const struct settlement *s)
 	pthread_mutex_unlock(&t->lock);
 
 	if (late) {
-		/* The broker requeues it when the connection closes. */
+		/* The broker requeues it when the connection closes.  Its
+		 * record is the owner's: records_close() clears them all. */
+		d->record_slot = -1;
 		delivery_free(d);
 		if (destroy)
 			transport_destroy(t);

@@ -60,7 +60,8 @@ HEADER_HANDLER = "handler"
 SECTION_KEYS = {
     "server": """slots expansion_period_ms expansion_slot_buffer kill_timeout_ms
         shutdown_grace_s header_task_id header_handler default_handler
-        external_queue_max external_ttl_s plugin_dir helper_priority""".split(),
+        external_queue_max external_ttl_s plugin_dir helper_priority state_dir
+        crash_limit""".split(),
     "amqp": """uri password_file heartbeat_s tls_ca tls_cert tls_key
         tls_verify_peer tls_verify_hostname request_queue request_exchange
         control_exchange dead_letter_exchange dead_letter_queue queue_type
@@ -265,6 +266,8 @@ class Daemon:
             plugins = {p: {} for p in plugins}
 
         self.dir = tempfile.mkdtemp(prefix="occamy-test-")
+        # Its own record keeping, never the machine's /var/lib/occamy.
+        sections["server"].setdefault("state_dir", os.path.join(self.dir, "state"))
         self.ini = os.path.join(self.dir, "occamy.ini")
         self.logfile = os.path.join(self.dir, "occamyd.log")
         if config is None:

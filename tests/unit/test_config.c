@@ -730,7 +730,7 @@ test_example_config_and_man_page_name_every_key(void **state)
 		"slots", "expansion_period_ms", "expansion_slot_buffer",
 		"kill_timeout_ms", "shutdown_grace_s", "header_task_id",
 		"header_handler", "default_handler", "external_queue_max",
-		"external_ttl_s", "plugin_dir", "helper_priority", "uri",
+		"external_ttl_s", "plugin_dir", "helper_priority", "state_dir", "crash_limit", "uri",
 		"password_file", "heartbeat_s", "tls_ca", "tls_cert",
 		"tls_key", "tls_verify_peer", "tls_verify_hostname",
 		"request_queue", "request_exchange", "control_exchange",
