@@ -796,7 +796,7 @@ def test_a_mistyped_uri_scheme_is_reported_without_the_password():
 def test_make_install_puts_everything_under_destdir_and_uninstall_removes_it():
     expected = ["usr/sbin/occamyd", "usr/bin/occamyctl", "usr/include/occamy/plugin.h",
                 "usr/lib/pkgconfig/occamy-plugin.pc", "usr/lib/systemd/system/occamyd.service",
-                "etc/occamy/occamy.ini"]
+                "usr/lib/systemd/system/occamyd@.service", "etc/occamy/occamy.ini"]
     # The example plugins, as the Makefile finds them: plugins/NAME.c and
     # plugins/NAME/*.c (test plugins are not installed).
     names = {os.path.basename(c)[:-2] for c in glob.glob(os.path.join(ROOT, "plugins", "*.c"))}
@@ -825,11 +825,16 @@ def test_make_install_puts_everything_under_destdir_and_uninstall_removes_it():
         assert host_state() == before, "make install with DESTDIR touched the host"
         for exe in ("usr/sbin/occamyd", "usr/bin/occamyctl"):
             assert os.stat(os.path.join(dest, exe)).st_mode & 0o777 == 0o755, exe
-        for f in ("usr/lib/pkgconfig/occamy-plugin.pc", "usr/lib/systemd/system/occamyd.service"):
+        for f in ("usr/lib/pkgconfig/occamy-plugin.pc", "usr/lib/systemd/system/occamyd.service",
+                  "usr/lib/systemd/system/occamyd@.service"):
             text = open(os.path.join(dest, f)).read()
             assert not re.search(r"@[A-Z_]+@", text), f"placeholder left in {f}:\n{text}"
         unit = open(os.path.join(dest, "usr/lib/systemd/system/occamyd.service")).read()
         assert "ExecStart=/usr/sbin/occamyd -f -c /etc/occamy/occamy.ini" in unit, unit
+        assert "StateDirectory=occamy\n" in unit, unit
+        tmpl = open(os.path.join(dest, "usr/lib/systemd/system/occamyd@.service")).read()
+        assert "-c /etc/occamy/%i.ini -s %S/occamy/%i" in tmpl and \
+            "StateDirectory=occamy/%i" in tmpl, tmpl
         ini = os.path.join(dest, "etc/occamy/occamy.ini")
         assert "plugin_dir = /usr/lib/occamy/plugins\n" in open(ini).read()
         p = run([os.path.join(dest, "usr/sbin/occamyd"), "-V"])
