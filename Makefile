@@ -79,6 +79,10 @@ $(B)/BUILD-FLAGS: FORCE
 	if cmp -s $@ $@.new; then rm -f $@.new; else \
 	  [ ! -e $@ ] || echo "build settings changed: rebuilding $(B)/"; mv -f $@.new $@; fi
 
+# Objects made only through a chain of pattern rules would be deleted as
+# intermediate, then rebuilt by the next make once their .d files name them.
+.SECONDARY: $(UNIT_BIN:%=%.o) $(TOOLS:%=%.o)
+
 $(B)/%.o: %.c $(B)/BUILD-FLAGS
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
