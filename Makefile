@@ -5,6 +5,7 @@
 #   make asan/tsan  the same test run under sanitizers (own build dirs)
 #   make run        private broker + occamyd + one sample request
 #   make install    PREFIX=/usr/local DESTDIR=
+#   make deb        Debian packages occamyd, occamy-plugin-dev into $(B)/deb/
 
 PREFIX     ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -58,10 +59,31 @@ ifneq ($(CTL_SRC),)
 PROGS += $(B)/occamyctl
 endif
 
-.PHONY: all test unit asan tsan valgrind run bench install uninstall clean format-check deps
-all: $(PROGS) $(PLUGINS) $(TPLUGINS) $(UNIT_BIN) $(TOOLS)
+# Plugins are built exactly as a user would: only the public header.
+PLUGIN_CFLAGS := -std=c11 -D_GNU_SOURCE -Iinclude $(CPPFLAGS) $(WARN) -fPIC -pthread -MMD -MP $(SAN) $(CFLAGS)
 
-$(B)/%.o: %.c
+.PHONY: all progs test unit asan tsan valgrind run bench install uninstall clean format-check deps deb FORCE
+all: $(PROGS) $(PLUGINS) $(TPLUGINS) $(UNIT_BIN) $(TOOLS)
+# What is installed, and nothing that needs the test libraries.
+progs: $(PROGS) $(PLUGINS)
+
+# Every compile-time setting (PREFIX and the paths built into the daemon,
+# CC, CFLAGS, SAN, LDFLAGS) is written to $(B)/BUILD-FLAGS, as git does with
+# GIT-CFLAGS. The file is rewritten only when a setting changes, and every
+# object and link depends on it, so `make PREFIX=/usr` after `make`
+# rebuilds instead of keeping the old compiled-in paths.
+BUILD_FLAGS := $(CC) $(ALL_CFLAGS) | $(PLUGIN_CFLAGS) | $(ALL_LDFLAGS) $(LIBS)
+$(B)/BUILD-FLAGS: FORCE
+	@mkdir -p $(@D)
+	@printf '%s\n' '$(subst ','\'',$(BUILD_FLAGS))' >$@.new; \
+	if cmp -s $@ $@.new; then rm -f $@.new; else \
+	  [ ! -e $@ ] || echo "build settings changed: rebuilding $(B)/"; mv -f $@.new $@; fi
+
+# Objects made only through a chain of pattern rules would be deleted as
+# intermediate, then rebuilt by the next make once their .d files name them.
+.SECONDARY: $(UNIT_BIN:%=%.o) $(TOOLS:%=%.o)
+
+$(B)/%.o: %.c $(B)/BUILD-FLAGS
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
@@ -87,16 +109,14 @@ $(B)/tests/tools/%: $(B)/tests/tools/%.o
 $(B)/bench/%: $(B)/bench/%.o
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
 
-# Plugins are built exactly as a user would: only the public header.
-PLUGIN_CFLAGS := -std=c11 -D_GNU_SOURCE -Iinclude $(WARN) -fPIC -pthread -MMD -MP $(SAN) $(CFLAGS)
-$(B)/plugins/%.so: plugins/%.c
+$(B)/plugins/%.so: plugins/%.c $(B)/BUILD-FLAGS
 	@mkdir -p $(@D)
 	$(CC) $(PLUGIN_CFLAGS) -shared -o $@ $< $(SAN) $(LDFLAGS) -lm
 .SECONDEXPANSION:
-$(B)/plugins/%.so: $$(wildcard plugins/%/*.c) $$(wildcard plugins/%/*.h)
+$(B)/plugins/%.so: $$(wildcard plugins/%/*.c) $$(wildcard plugins/%/*.h) $(B)/BUILD-FLAGS
 	@mkdir -p $(@D)
 	$(CC) $(PLUGIN_CFLAGS) -shared -o $@ $(filter %.c,$^) $(SAN) $(LDFLAGS) -lm
-$(B)/tests/plugins/%.so: tests/plugins/%.c
+$(B)/tests/plugins/%.so: tests/plugins/%.c $(B)/BUILD-FLAGS
 	@mkdir -p $(@D)
 	$(CC) $(PLUGIN_CFLAGS) -shared -o $@ $< $(SAN) $(LDFLAGS) -lm
 
@@ -167,8 +187,18 @@ uninstall:
 	  rm -f $(DESTDIR)$(MANDIR)/man$$s/$${m##*/}; done
 	-rmdir $(DESTDIR)$(INCLUDEDIR)/occamy $(DESTDIR)$(PLUGINDIR) 2>/dev/null
 
+# Debian packages, built by dpkg-buildpackage from a copy of the tree in
+# $(B)/deb/ (it writes into the source tree and its parent directory).
+DEB_SRC := $(B)/deb/occamy-$(VERSION)
+deb:
+	rm -rf $(B)/deb
+	mkdir -p $(DEB_SRC)
+	tar -cf - --exclude=./.git --exclude='./build*' . | tar -C $(DEB_SRC) -xf -
+	cd $(DEB_SRC) && dpkg-buildpackage -us -uc -b
+	@ls $(B)/deb/*.deb
+
 clean:
-	rm -rf build build-asan build-tsan
+	rm -rf build build-asan build-tsan build-deb
 
 format-check:
 	clang-format --dry-run --Werror daemon/*.c daemon/*.h include/occamy/*.h
