@@ -48,10 +48,11 @@ struct plug_conf {
 	int has_seed;      /* option seed: fixed seed for every master */
 	uint64_t seed;
 	int min_assistants; /* option min_assistants: protected assistants asked */
+	int expand;         /* option expand = yes|no: make assistants in expand() */
 };
 
 static const struct plug_conf plug_defaults = {
-	PLUG_BUDGET_DEFAULT_MS, TSP_MAX_CITIES_DEFAULT, 1, 0, 0, 0,
+	PLUG_BUDGET_DEFAULT_MS, TSP_MAX_CITIES_DEFAULT, 1, 0, 0, 0, 1,
 };
 
 struct plug_task {
@@ -217,6 +218,10 @@ plug_init(struct occamy_host *host, const struct occamy_option *options, size_t 
 			if (plug_parse_u64(val, strlen(val), &c->seed) == -1)
 				goto bad;
 			c->has_seed = 1;
+		} else if (strcmp(k, "expand") == 0) {
+			if (strcmp(val, "yes") != 0 && strcmp(val, "no") != 0)
+				goto bad;
+			c->expand = strcmp(val, "yes") == 0;
 		} else if (strcmp(k, "min_assistants") == 0) {
 			if (plug_parse_u64(val, strlen(val), &v) == -1 || v > TSP_ASSISTANTS_MAX)
 				goto bad;
@@ -224,7 +229,7 @@ plug_init(struct occamy_host *host, const struct occamy_option *options, size_t 
 		} else {
 			snprintf(err, errlen,
 				 "unknown option '%s' (known: budget_ms, max_cities, help, seed, "
-				 "min_assistants)", k);
+				 "min_assistants, expand)", k);
 			free(c);
 			return -1;
 		}
@@ -232,7 +237,7 @@ plug_init(struct occamy_host *host, const struct occamy_option *options, size_t 
 bad:
 		snprintf(err, errlen,
 			 "bad value '%s' for %s (budget_ms: 0..%d; max_cities: 1..1000000; "
-			 "help: yes|no; seed: 0..2^64-1; min_assistants: 0..%d)", val, k,
+			 "help, expand: yes|no; seed: 0..2^64-1; min_assistants: 0..%d)", val, k,
 			 PLUG_BUDGET_MAX_MS, TSP_ASSISTANTS_MAX);
 		free(c);
 		return -1;
@@ -629,7 +634,7 @@ plug_task_expand(void *task, size_t n, void **helpers)
 	struct plug_task *t = task, *a;
 	size_t i;
 
-	if (t->role == ROLE_INTERNAL || t->inst.n <= PLUG_TINY ||
+	if (t->role == ROLE_INTERNAL || t->inst.n <= PLUG_TINY || !plug_conf(t->host)->expand ||
 	    t->deadline_ms <= plug_wall_ms())
 		return 0;
 	for (i = 0; i < n; i++) {
