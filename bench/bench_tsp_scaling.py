@@ -62,7 +62,11 @@ ROOT = os.path.dirname(HERE)
 DEFAULT_BUDGETS = {"ch150": 60, "a280": 30, "pcb442": 500, "pr1002": 1000}
 OPTIMA = {"berlin52": 7542, "kroA100": 21282, "ch150": 6528, "a280": 2579,
           "pcb442": 50778, "pr1002": 259045}
-CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x2": (2, 2)}
+CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x2": (2, 2), "2x2off": (2, 2)}
+# "off": the same fleet with helpers off (tsp help = no, expand = no), a
+# plain worker pool: the no-helper floor the "on" configurations are
+# measured against, as ratios, in the same run.
+OFF_OPTS = {"help": "no", "expand": "no"}
 
 
 def parse_args():
@@ -73,7 +77,7 @@ def parse_args():
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--instances", default=None)
     ap.add_argument("--budget", action="append", default=[], metavar="NAME=MS")
-    ap.add_argument("--configs", default="1x1,1x2,2x2")
+    ap.add_argument("--configs", default="1x1,1x2,2x2,2x2off")
     ap.add_argument("--expansion-period-ms", type=int, default=50)
     ap.add_argument("--out", default=os.environ.get("OCCAMY_BENCH_OUT", os.path.join(HERE, "out")))
     a = ap.parse_args()
@@ -164,10 +168,10 @@ def idle(v):
 
 
 class Fleet:
-    def __init__(self, ndaemons, slots, period_ms):
+    def __init__(self, ndaemons, slots, period_ms, off=False):
         names = new_names()
         self.ports = [free_port() for _ in range(ndaemons)]
-        self.daemons = [Daemon({"tsp": {}}, names=names, slots=slots,
+        self.daemons = [Daemon({"tsp": dict(OFF_OPTS) if off else {}}, names=names, slots=slots,
                                expansion_period_ms=period_ms,
                                metrics_listen=f"127.0.0.1:{p}") for p in self.ports]
 
@@ -264,7 +268,8 @@ def main():
         for cname in ARGS.configs:
             nd, slots = CONFIGS[cname]
             log(f"starting {cname}: {nd} daemon(s) x {slots} slot(s)")
-            fleets[cname] = stack.enter_context(Fleet(nd, slots, ARGS.expansion_period_ms))
+            fleets[cname] = stack.enter_context(Fleet(nd, slots, ARGS.expansion_period_ms,
+                                                      off=cname.endswith("off")))
         for seed in seeds:
             for name in ARGS.instances:
                 data, coords = inst[name]
@@ -350,6 +355,24 @@ def write_markdown(path, summ, seeds, load_before, load_after, elapsed, load_mea
         L.append(f"| {name} (opt {OPTIMA[name]}) | {ARGS.budgets[name]} ms | "
                  + " | ".join(cells) + " |")
     L.append("")
+    off = [c for c in ARGS.configs if c.endswith("off")]
+    if off:
+        f = off[0]
+        on = [c for c in ARGS.configs if not c.endswith("off")]
+        L.append(f"Helpers on against the no-helper floor ({f}: the same 2x2 fleet with "
+                 "tsp `help = no`, `expand = no`, a plain worker pool), same instances and "
+                 "seeds, this run: mean gap on / mean gap off (< 1: helpers found better "
+                 "tours; – when the floor's gap is 0), and runs at the optimum:\n")
+        L.append("| instance | " + " | ".join(f"{c}/{f} gap ratio | {c} opt vs {f} opt"
+                                              for c in on) + " |")
+        L.append("|" + "---|" * (1 + 2 * len(on)))
+        for name in ARGS.instances:
+            g0 = summ[name, f]["gap"]
+            L.append(f"| {name} | " + " | ".join(
+                (f"{summ[name, c]['gap'] / g0:.2f}" if g0 > 0 else "–")
+                + f" | {summ[name, c]['hits']}/{summ[name, c]['n']} vs "
+                  f"{summ[name, f]['hits']}/{summ[name, f]['n']}" for c in on) + " |")
+        L.append("")
     L.append("Helpers a master got (mean per request: internal on its daemon + external "
              "on the other), valid tours its assistants reported (mean), and CPU cores the "
              "fleet used while the master ran (the daemons' CPU time from publishing the "

@@ -279,7 +279,7 @@ metrics_render(struct metrics *m, FILE *out)
 	struct sched_stats st;
 	struct transport_stats ts = {0};
 	static const char *const outcome_label[] = {"ack", "requeue", "retry", "dead_letter"};
-	static const char *const drop_label[] = {"full", "expired", "shutdown"};
+	static const char *const drop_label[] = {"full", "expired", "shutdown", "withdrawn"};
 	double rss, cpu, intensity;
 	unsigned i, k, r;
 

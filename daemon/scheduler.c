@@ -431,6 +431,7 @@ sched_free(struct sched *s)
 	free(s->workers);
 	free(s->slots);
 	free(s->help_store);
+	withdrawn_free(s);
 	free(s->header_task_id);
 	pthread_cond_destroy(&s->admit_cv);
 	pthread_cond_destroy(&s->expand_cv);

@@ -128,7 +128,8 @@ struct sched_config {
 };
 
 /* Counters and timings for monitoring; a consistent snapshot. */
-enum sched_drop_reason { DROP_FULL, DROP_EXPIRED, DROP_SHUTDOWN, DROP_REASON_COUNT };
+enum sched_drop_reason { DROP_FULL, DROP_EXPIRED, DROP_SHUTDOWN, DROP_WITHDRAWN,
+			 DROP_REASON_COUNT };
 
 /* Control messages a task may have waiting for its handle(); one more is
  * dead-lettered. */

@@ -133,6 +133,8 @@ sched_submit_control(struct sched *s, struct message *m)
 		defer_settle(&d, m, SETTLE_DEAD_LETTER,
 			     "invalid_headers: task ID header is not a string");
 	} else {
+		if (occamy_headers_find(&m->headers, OCCAMY_HEADER_DONE) != NULL)
+			master_withdraw(s, h->str, &d);
 		control_route(s, m, h->str, &d);
 	}
 	pthread_mutex_unlock(&s->mu);

@@ -96,7 +96,7 @@ help_store_drop(struct sched *s, struct job *j, enum sched_drop_reason why,
 }
 
 static void
-help_store_add(struct sched *s, struct task *t, struct deferred *d)
+help_store_add(struct sched *s, struct task *t, char *master, struct deferred *d)
 {
 	struct help_entry e = {.seq = ++s->help_store_seq};
 	unsigned i;
@@ -105,6 +105,7 @@ help_store_add(struct sched *s, struct task *t, struct deferred *d)
 	e.deadline_ms = t->deadline_ms > 0 ? t->deadline_ms :
 		clock_wall_ms() + (int64_t)s->cfg.external_ttl_ms;
 	e.job = job_new(s, t, NULL, JOB_EXTERNAL, 0); /* the store's reference */
+	e.job->master = master;
 	if (s->cfg.external_queue_max == 0) {
 		help_store_drop(s, e.job, DROP_FULL, d);
 		return;
@@ -152,6 +153,65 @@ help_store_clear(struct sched *s, struct deferred *d)
 	s->nhelp_store = 0;
 }
 
+/* ---- withdrawal: see WITHDRAWAL in occamy/plugin.h ---- */
+
+/* Caller holds s->mu. */
+static bool
+master_is_withdrawn(struct sched *s, const char *id)
+{
+	int64_t now = clock_wall_ms();
+	unsigned i;
+
+	assert_locked(s);
+	for (i = 0; i < WITHDRAWN_MAX; i++)
+		if (s->withdrawn[i].id != NULL && s->withdrawn[i].until_ms > now &&
+		    strcmp(s->withdrawn[i].id, id) == 0)
+			return true;
+	return false;
+}
+
+/* Master id has ended: drop its stored help requests, stop its running
+ * external helpers (an external's own helpers carry the same master) and
+ * remember it for help requests still on their way.  Protected jobs are
+ * never touched: they have a request to answer.  Caller holds s->mu. */
+void
+master_withdraw(struct sched *s, const char *id, struct deferred *d)
+{
+	struct withdrawn *w;
+	struct job *j;
+	unsigned i, k = 0;
+
+	assert_locked(s);
+	if (!master_is_withdrawn(s, id)) {
+		w = &s->withdrawn[s->nwithdrawn_next];
+		s->nwithdrawn_next = (s->nwithdrawn_next + 1) % WITHDRAWN_MAX;
+		free(w->id);
+		w->id = xstrdup(id);
+		w->until_ms = clock_wall_ms() + (int64_t)s->cfg.external_ttl_ms;
+	}
+	for (i = 0; i < s->nhelp_store; i++) {
+		struct job *e = s->help_store[i].job;
+		if (e->master != NULL && strcmp(e->master, id) == 0)
+			help_store_drop(s, e, DROP_WITHDRAWN, d);
+		else
+			s->help_store[k++] = s->help_store[i];
+	}
+	s->nhelp_store = k;
+	TAILQ_FOREACH(j, &s->running, running_link)
+		if (j->kind == JOB_EXTERNAL && !j->cancelled && j->master != NULL &&
+		    strcmp(j->master, id) == 0)
+			helper_stop(s, j);
+}
+
+void
+withdrawn_free(struct sched *s)
+{
+	unsigned i;
+
+	for (i = 0; i < WITHDRAWN_MAX; i++)
+		free(s->withdrawn[i].id);
+}
+
 /* A help request (a control message without task ID): make its task and
  * store it; the message is acked either way.  Called without the lock, on
  * a control dispatcher. */
@@ -160,9 +220,13 @@ help_request_store(struct sched *s, struct message *m)
 {
 	struct deferred d = {0};
 	struct task *t = NULL;
-	char reason[300];
+	const struct occamy_header *hm = occamy_headers_find(&m->headers, OCCAMY_HEADER_MASTER);
+	char reason[300], *master = NULL;
 	enum occamy_status st;
 
+	if (hm != NULL && hm->kind == OCCAMY_VALUE_STRING && hm->len > 0 &&
+	    memchr(hm->str, '\0', hm->len) == NULL)
+		master = xstrdup(hm->str);
 	st = make_task(s, m, true, &t, reason, sizeof(reason));
 	pthread_mutex_lock(&s->mu);
 	if (st != OCCAMY_OK) {
@@ -172,13 +236,20 @@ help_request_store(struct sched *s, struct message *m)
 		count_settlement(s, SETTLE_DEAD_LETTER);
 		pthread_mutex_unlock(&s->mu);
 		m->ops->settle(m, &(struct settlement){SETTLE_DEAD_LETTER, reason, NULL, 0, NULL});
+		free(master);
 		return;
 	}
 	if (sched_is_stopping(s)) {
 		s->st.external_drops[DROP_SHUTDOWN]++;
 		defer_destroy(&d, t);
+		free(master);
+	} else if (master != NULL && master_is_withdrawn(s, master)) {
+		/* Its master ended while this was on its way. */
+		s->st.external_drops[DROP_WITHDRAWN]++;
+		defer_destroy(&d, t);
+		free(master);
 	} else {
-		help_store_add(s, t, &d);
+		help_store_add(s, t, master, &d);
 	}
 	count_settlement(s, SETTLE_ACK);
 	defer_settle(&d, m, SETTLE_ACK, NULL);
@@ -233,7 +304,10 @@ expand_start_helpers(struct sched *s, struct job *p, enum job_kind kind,
 			defer_destroy(d, helpers[h]);
 			continue;
 		}
-		job_start(s, job_new(s, helpers[h], NULL, hk, p->root), (unsigned)slot);
+		struct job *hj = job_new(s, helpers[h], NULL, hk, p->root);
+		if (hk == JOB_EXTERNAL && p->master != NULL)
+			hj->master = xstrdup(p->master);
+		job_start(s, hj, (unsigned)slot);
 	}
 }
 

@@ -69,6 +69,9 @@
  * back to the broker, which would hand it straight back otherwise. */
 #define REQUEUE_HOLD_MIN_MS 1000
 #define EXPANSION_ROUNDS_MAX 8
+/* Masters recently withdrawn, remembered so that their late help requests
+ * are dropped; the oldest is forgotten first. */
+#define WITHDRAWN_MAX 64
 #define REASON_KILL_TIMEOUT "kill timeout: no slot freed in time"
 
 /* Debug builds check the lock rule: the mutex is an error-checking one, so
@@ -116,6 +119,7 @@ struct job {
 	unsigned refs;
 	struct occamy_cancel cancel;
 	struct worker *worker;
+	char *master;              /* externals: OCCAMY_HEADER_MASTER, or NULL */
 	TAILQ_ENTRY(job) running_link; /* s->running */
 	TAILQ_ENTRY(job) wait_link;    /* s->waiting: held for a slot */
 	uint64_t wait_deadline_ns;
@@ -164,6 +168,12 @@ struct help_entry {
 	struct job *job;
 	int64_t deadline_ms;
 	uint64_t seq;
+};
+
+/* A master that said OCCAMY_HEADER_DONE, until its help requests expire. */
+struct withdrawn {
+	char *id;
+	int64_t until_ms;
 };
 
 struct queued_msg {
@@ -235,6 +245,8 @@ struct sched {
 	struct help_entry *help_store; /* best first */
 	unsigned nhelp_store, help_store_cap;
 	uint64_t help_store_seq;
+	struct withdrawn withdrawn[WITHDRAWN_MAX]; /* a ring */
+	unsigned nwithdrawn_next;
 
 	pthread_cond_t idle_cv;     /* a job finished */
 	_Atomic(struct worker *) finished_helpers; /* no lock: helpers push */
@@ -329,6 +341,8 @@ void help_request_store(struct sched *s, struct message *m);
 void help_store_drop(struct sched *s, struct job *j, enum sched_drop_reason why,
 		     struct deferred *d);
 void help_store_clear(struct sched *s, struct deferred *d);
+void master_withdraw(struct sched *s, const char *id, struct deferred *d);
+void withdrawn_free(struct sched *s);
 
 /* ---- scheduler_control.c ---- */
 void *dispatcher_main(void *arg);

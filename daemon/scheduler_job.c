@@ -142,6 +142,7 @@ deferred_run(struct deferred *d)
 	for (i = 0; i < d->nfree; i++) {
 		struct job *j = d->free_jobs[i];
 		j->task->ops->destroy(j->task);
+		free(j->master);
 		free(j);
 	}
 	free(d->settle);

@@ -165,6 +165,7 @@ worker_make_task(struct sched *s, struct worker *w, struct job *j)
 	pthread_mutex_unlock(&s->mu);
 	if (t != NULL)
 		t->ops->destroy(t);
+	free(j->master);
 	free(j);
 	settle_counted(s, m, &(struct settlement){o, reason, NULL, 0, NULL});
 	pthread_mutex_lock(&s->mu);

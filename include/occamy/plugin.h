@@ -223,6 +223,23 @@ struct occamy_host {
 	const char *header_handler;
 };
 
+/* WITHDRAWAL: help never outlives its master.
+ *  - A help request that carries the header OCCAMY_HEADER_MASTER names the
+ *    task ID of the master it helps; the daemon remembers it for the
+ *    external helper made from it and for every helper that one expands.
+ *  - A control message for task ID X that carries the header
+ *    OCCAMY_HEADER_DONE (any value) says master X has ended.  Every daemon
+ *    then drops its stored help requests whose master is X, cancels the
+ *    running external helpers whose master is X, and for external_ttl_s
+ *    drops help requests for X that arrive later (a help request may reach
+ *    a daemon after its master finished).  The message is routed to tasks
+ *    with ID X as usual.  Send it once, when the master's request is
+ *    settled: not when it is cancelled and requeued, since it may restart
+ *    under the same ID.  Protected assistants (from publish_request) are
+ *    never cancelled by it: tell them yourself. */
+#define OCCAMY_HEADER_MASTER "occamy-master"
+#define OCCAMY_HEADER_DONE "occamy-done"
+
 /* True if the host table the daemon passed is large enough to contain
  * field: fields added in a later minor ABI are absent from an older
  * daemon's table.  For example OCCAMY_HOST_HAS(host, header_task_id). */

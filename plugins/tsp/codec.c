@@ -388,6 +388,7 @@ tsp_json_parse_request(struct tsp_json_request *r, const char *text, size_t len,
 	memset(r, 0, sizeof(*r));
 	r->budget_ms = -1;
 	r->deadline_ms = -1;
+	r->min_assistants = -1;
 	if (jp_expect(&j, '{') == -1)
 		goto out;
 	if (!jp_eat(&j, '}')) {
@@ -414,6 +415,10 @@ tsp_json_parse_request(struct tsp_json_request *r, const char *text, size_t len,
 				if (jp_uint(&j, INT64_MAX, &v) == -1)
 					goto out;
 				optimum = (int64_t)v;
+			} else if (strcmp(key, "min_assistants") == 0) {
+				if (jp_uint(&j, TSP_ASSISTANTS_MAX, &v) == -1)
+					goto out;
+				r->min_assistants = (int64_t)v;
 			} else if (strcmp(key, "deadline_ms") == 0) {
 				if (jp_uint(&j, INT64_MAX, &v) == -1)
 					goto out;

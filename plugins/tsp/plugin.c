@@ -34,9 +34,12 @@
 #define PLUG_SEND_PER_CITY 10  /* ...plus 1 ms per this many cities */
 #define PLUG_TINY 8            /* solved exactly at once: no helpers */
 
-enum plug_role { ROLE_MASTER, ROLE_INTERNAL, ROLE_EXTERNAL };
+enum plug_role { ROLE_MASTER, ROLE_INTERNAL, ROLE_EXTERNAL, ROLE_PROTECTED };
 
-static const char *const plug_role_names[] = {"master", "internal", "external"};
+static const char *const plug_role_names[] = {"master", "internal", "external", "protected"};
+
+/* Distinct assistants a master counts in its reply, per kind. */
+#define PLUG_SEEN_MAX 256
 
 struct plug_conf {
 	int64_t budget_ms; /* option budget_ms: when the request names none */
@@ -44,10 +47,12 @@ struct plug_conf {
 	int help;          /* option help = yes|no: publish help requests */
 	int has_seed;      /* option seed: fixed seed for every master */
 	uint64_t seed;
+	int min_assistants; /* option min_assistants: protected assistants asked */
+	int expand;         /* option expand = yes|no: make assistants in expand() */
 };
 
 static const struct plug_conf plug_defaults = {
-	PLUG_BUDGET_DEFAULT_MS, TSP_MAX_CITIES_DEFAULT, 1, 0, 0,
+	PLUG_BUDGET_DEFAULT_MS, TSP_MAX_CITIES_DEFAULT, 1, 0, 0, 0, 1,
 };
 
 struct plug_task {
@@ -61,6 +66,8 @@ struct plug_task {
 	int64_t deadline_ms;           /* wall clock */
 	int64_t created_ms;
 	uint64_t spawned;              /* assistants made; task_expand only */
+	int min_assistants;            /* master: protected assistants to ask */
+	char from[48];                 /* assistant: "<role> <unique>", header tsp-from */
 	atomic_int has_assistants;     /* master: anybody to broadcast to? */
 	atomic_int master_done;        /* assistant: the master said "done" */
 
@@ -68,6 +75,8 @@ struct plug_task {
 	int *inbox;                    /* best tour received, not yet adopted */
 	int64_t inbox_len;             /* INT64_MAX: empty */
 	uint64_t reports;              /* valid tour messages received */
+	uint64_t seen[PLUG_SEEN_MAX];  /* master: hashes of assistants heard */
+	unsigned nseen, seen_by_role[4];
 	atomic_int inbox_full;
 
 	/* Used by task_run only (its slot thread). */
@@ -79,6 +88,8 @@ struct plug_task {
 	uint64_t adopted;
 	int *scratch;
 	int help_sent;
+	int requests_sent;             /* master: protected assistants asked */
+	int sent_once;                 /* assistant: has reported at least once */
 };
 
 /* Generated IDs are unique per host with the pid and this counter. */
@@ -207,9 +218,18 @@ plug_init(struct occamy_host *host, const struct occamy_option *options, size_t 
 			if (plug_parse_u64(val, strlen(val), &c->seed) == -1)
 				goto bad;
 			c->has_seed = 1;
+		} else if (strcmp(k, "expand") == 0) {
+			if (strcmp(val, "yes") != 0 && strcmp(val, "no") != 0)
+				goto bad;
+			c->expand = strcmp(val, "yes") == 0;
+		} else if (strcmp(k, "min_assistants") == 0) {
+			if (plug_parse_u64(val, strlen(val), &v) == -1 || v > TSP_ASSISTANTS_MAX)
+				goto bad;
+			c->min_assistants = (int)v;
 		} else {
 			snprintf(err, errlen,
-				 "unknown option '%s' (known: budget_ms, max_cities, help, seed)", k);
+				 "unknown option '%s' (known: budget_ms, max_cities, help, seed, "
+				 "min_assistants, expand)", k);
 			free(c);
 			return -1;
 		}
@@ -217,7 +237,8 @@ plug_init(struct occamy_host *host, const struct occamy_option *options, size_t 
 bad:
 		snprintf(err, errlen,
 			 "bad value '%s' for %s (budget_ms: 0..%d; max_cities: 1..1000000; "
-			 "help: yes|no; seed: 0..2^64-1)", val, k, PLUG_BUDGET_MAX_MS);
+			 "help, expand: yes|no; seed: 0..2^64-1; min_assistants: 0..%d)", val, k,
+			 PLUG_BUDGET_MAX_MS, TSP_ASSISTANTS_MAX);
 		free(c);
 		return -1;
 	}
@@ -244,6 +265,9 @@ plug_task_alloc(const struct occamy_host *host, enum plug_role role, const char 
 	snprintf(t->id, sizeof(t->id), role == ROLE_MASTER ? "%s" : "%s.a", master);
 	t->inbox_len = INT64_MAX;
 	t->created_ms = plug_wall_ms();
+	snprintf(t->from, sizeof(t->from), "%s %ld-%llu-%08llx", plug_role_names[role],
+		 (long)getpid(), (unsigned long long)atomic_fetch_add(&plug_counter, 1) + 1,
+		 (unsigned long long)(plug_fresh() & 0xffffffffu));
 	pthread_mutex_init(&t->lock, NULL);
 	return t;
 }
@@ -271,37 +295,30 @@ plug_is_json(const char *s, size_t len)
 	return 0;
 }
 
-/* A help request: the JSON a master published. */
+/* A help request (external) or a request for a protected assistant, r
+ * parsed from the JSON a master published; takes r's instance. */
 static enum occamy_status
-plug_new_external(const struct occamy_host *host, const void *body, size_t len,
-		  void **task, char *err, size_t errlen)
+plug_new_assistant(const struct occamy_host *host, enum plug_role role,
+		   struct tsp_json_request *r, void **task, char *err, size_t errlen)
 {
-	const struct plug_conf *conf = plug_conf(host);
-	struct tsp_json_request r;
 	struct plug_task *t;
 
-	if (!plug_is_json(body, len)) {
-		snprintf(err, errlen, "a tsp help request is a JSON object");
-		return OCCAMY_ERR_INVALID_BODY;
-	}
-	if (tsp_json_parse_request(&r, body, len, conf->max_cities, err, errlen) == -1)
-		return OCCAMY_ERR_INVALID_BODY;
-	if (r.master[0] == '\0' || r.deadline_ms < 0) {
+	if (r->master[0] == '\0' || r->deadline_ms < 0) {
 		snprintf(err, errlen, "a help request needs \"master\" and \"deadline_ms\"");
-		tsp_instance_free(&r.inst);
+		tsp_instance_free(&r->inst);
 		return OCCAMY_ERR_INVALID_BODY;
 	}
-	if (r.deadline_ms <= plug_wall_ms()) {
-		snprintf(err, errlen, "help request for %s expired", r.master);
-		tsp_instance_free(&r.inst);
+	if (r->deadline_ms <= plug_wall_ms()) {
+		snprintf(err, errlen, "help request for %s expired", r->master);
+		tsp_instance_free(&r->inst);
 		return OCCAMY_ERR_INVALID_TASK;
 	}
-	t = plug_task_alloc(host, ROLE_EXTERNAL, r.master);
-	t->inst = r.inst;
-	t->deadline_ms = r.deadline_ms;
+	t = plug_task_alloc(host, role, r->master);
+	t->inst = r->inst;
+	t->deadline_ms = r->deadline_ms;
 	/* Every server gets the same help request: their searches must
 	 * differ, so the master's seed is only a starting point. */
-	t->seed = plug_mix(r.seed, plug_fresh());
+	t->seed = plug_mix(r->seed, plug_fresh());
 	*task = t;
 	return OCCAMY_OK;
 }
@@ -317,10 +334,18 @@ plug_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 	struct plug_task *t;
 	char master[TSP_ID_MAX + 1];
 	uint64_t budget = (uint64_t)conf->budget_ms, seed = 0, iterations = 0, v;
+	uint64_t min_assistants = (uint64_t)conf->min_assistants;
 	int has_seed = conf->has_seed, rc;
 
-	if (is_help)
-		return plug_new_external(host, body, len, task, err, errlen);
+	if (is_help) {
+		if (!plug_is_json(body, len)) {
+			snprintf(err, errlen, "a tsp help request is a JSON object");
+			return OCCAMY_ERR_INVALID_BODY;
+		}
+		if (tsp_json_parse_request(&r, body, len, conf->max_cities, err, errlen) == -1)
+			return OCCAMY_ERR_INVALID_BODY;
+		return plug_new_assistant(host, ROLE_EXTERNAL, &r, task, err, errlen);
+	}
 
 	/* Headers first: cheap, and a JSON body may override them. */
 	if (hid != NULL && hid->kind == OCCAMY_VALUE_STRING && tsp_id_ok(hid->str, hid->len))
@@ -353,6 +378,11 @@ plug_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 		snprintf(err, errlen, "iterations must be a non-negative integer");
 		return OCCAMY_ERR_INVALID_HEADERS;
 	}
+	if (plug_header_u64(headers, "min-assistants", TSP_ASSISTANTS_MAX, &min_assistants) ==
+	    -1) {
+		snprintf(err, errlen, "min-assistants must be an integer 0..%d", TSP_ASSISTANTS_MAX);
+		return OCCAMY_ERR_INVALID_HEADERS;
+	}
 
 	memset(&r, 0, sizeof(r));
 	if (plug_is_json(body, len)) {
@@ -366,6 +396,12 @@ plug_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 		}
 		if (r.iterations > 0)
 			iterations = r.iterations;
+		if (r.min_assistants >= 0)
+			min_assistants = (uint64_t)r.min_assistants;
+		/* A master's request for a protected assistant: the help
+		 * body, marked by a header. */
+		if (occamy_headers_find(headers, "tsp-assistant") != NULL)
+			return plug_new_assistant(host, ROLE_PROTECTED, &r, task, err, errlen);
 	} else if (tsp_parse_tsplib(&r.inst, body, len, conf->max_cities, err, errlen) == -1)
 		return OCCAMY_ERR_INVALID_BODY;
 
@@ -373,6 +409,7 @@ plug_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 	t->inst = r.inst;
 	t->seed = has_seed ? seed : plug_fresh();
 	t->iterations = iterations;
+	t->min_assistants = (int)min_assistants;
 	t->deadline_ms = t->created_ms + (int64_t)budget;
 	*task = t;
 	return OCCAMY_OK;
@@ -400,8 +437,13 @@ plug_send(struct plug_task *t, const struct tsp_search *s, uint64_t now)
 	snprintf(dest, sizeof(dest), t->role == ROLE_MASTER ? "%s.a" : "%s", t->master);
 	tsp_report_format(&b, t->inst.n, tsp_search_tour(s), len);
 	/* On failure try again at the next interval; nothing is lost. */
-	if (t->host->publish_control(t->host, dest, NULL, 0, b.p, b.len) == 0)
+	struct occamy_kv from = {"tsp-from", t->from};
+
+	if (t->host->publish_control(t->host, dest, &from, t->role == ROLE_MASTER ? 0 : 1, b.p,
+				     b.len) == 0) {
 		t->last_sent_len = len;
+		t->sent_once = 1;
+	}
 	t->last_send_ns = now;
 	tsp_buf_free(&b);
 }
@@ -415,6 +457,10 @@ plug_sync(void *arg, struct tsp_search *s)
 	int64_t len = INT64_MAX;
 	uint64_t now;
 
+	/* Report once before adopting anything, so that the master counts
+	 * every assistant that ran, even one that never beats it. */
+	if (t->role != ROLE_MASTER && !t->sent_once)
+		plug_send(t, s, plug_mono_ns());
 	if (atomic_load_explicit(&t->inbox_full, memory_order_acquire)) {
 		pthread_mutex_lock(&t->lock);
 		if (t->inbox_len < tsp_search_length(s)) {
@@ -434,7 +480,8 @@ plug_sync(void *arg, struct tsp_search *s)
 	if (tsp_search_length(s) >= t->last_sent_len)
 		return;
 	if (t->role == ROLE_MASTER && !atomic_load_explicit(&t->has_assistants,
-							    memory_order_relaxed) && !t->help_sent)
+							    memory_order_relaxed) &&
+	    !t->help_sent && !t->requests_sent)
 		return;
 	now = plug_mono_ns();
 	if (now - t->last_send_ns >= t->send_gap_ns)
@@ -448,10 +495,12 @@ plug_result(struct plug_task *t, const struct tsp_search *s, struct occamy_outpu
 	int64_t len = tsp_search_length(s);
 	struct tsp_buf b = {0};
 	uint64_t reports;
+	unsigned by_role[4];
 	int i;
 
 	pthread_mutex_lock(&t->lock);
 	reports = t->reports;
+	memcpy(by_role, t->seen_by_role, sizeof(by_role));
 	pthread_mutex_unlock(&t->lock);
 	tsp_buf_printf(&b, "{\"length\":%lld,\"tour\":[", (long long)len);
 	for (i = 0; i < t->inst.n; i++)
@@ -468,6 +517,9 @@ plug_result(struct plug_task *t, const struct tsp_search *s, struct occamy_outpu
 		       (unsigned long long)reports, (unsigned long long)t->adopted,
 		       (unsigned long long)tsp_search_iterations(s), (unsigned long long)t->seed);
 	tsp_buf_json_string(&b, t->master);
+	tsp_buf_printf(&b, ",\"min_assistants\":%d,\"assistants\":{\"protected\":%u,"
+		       "\"internal\":%u,\"external\":%u}", t->min_assistants,
+		       by_role[ROLE_PROTECTED], by_role[ROLE_INTERNAL], by_role[ROLE_EXTERNAL]);
 	tsp_buf_printf(&b, ",\"elapsed_ms\":%lld}", (long long)(plug_wall_ms() - t->created_ms));
 	out->body = b.p;
 	out->len = b.len;
@@ -480,13 +532,42 @@ plug_publish_help(struct plug_task *t)
 	const struct occamy_host *host = t->host;
 	struct tsp_buf b = {0};
 
+	struct occamy_kv master = {OCCAMY_HEADER_MASTER, t->master};
+	struct occamy_kv assistant = {"tsp-assistant", "1"};
+	int i;
+
 	tsp_json_help(&b, &t->inst, t->master, t->deadline_ms, t->seed);
-	if (host->publish_help(host, "tsp", NULL, 0, b.p, b.len) == 0)
-		t->help_sent = 1;
-	else
-		host->log(host, OCCAMY_LOG_WARNING, "%s: could not publish a help request",
-			  t->master);
+	/* The minimum first: requests, each protected on exactly one server. */
+	for (i = 0; i < t->min_assistants; i++)
+		if (host->publish_request(host, "tsp", &assistant, 1, b.p, b.len) == 0)
+			t->requests_sent++;
+	if (t->requests_sent < t->min_assistants)
+		host->log(host, OCCAMY_LOG_WARNING, "%s: asked %d of %d protected assistants",
+			  t->master, t->requests_sent, t->min_assistants);
+	if (plug_conf(host)->help) {
+		if (host->publish_help(host, "tsp", &master, 1, b.p, b.len) == 0)
+			t->help_sent = 1;
+		else
+			host->log(host, OCCAMY_LOG_WARNING, "%s: could not publish a help request",
+				  t->master);
+	}
 	tsp_buf_free(&b);
+}
+
+/* "done" to every assistant (running ones stop at their next poll, stored
+ * ones at once when they start) and, once the request is answered, the
+ * daemon-level withdrawal that drops our help requests wherever they wait. */
+static void
+plug_send_done(struct plug_task *t, int withdraw)
+{
+	const struct occamy_host *host = t->host;
+	struct occamy_kv done = {OCCAMY_HEADER_DONE, "1"};
+	char dest[TSP_ID_MAX + 3];
+
+	snprintf(dest, sizeof(dest), "%s.a", t->master);
+	host->publish_control(host, dest, NULL, 0, "done", 4);
+	if (withdraw)
+		host->publish_control(host, t->master, &done, 1, "done", 4);
 }
 
 static enum occamy_status
@@ -507,7 +588,8 @@ plug_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_outp
 	if ((t->scratch = malloc((size_t)t->inst.n * sizeof(int))) == NULL)
 		abort();
 	tsp_instance_prepare(&t->inst);
-	if (t->role == ROLE_MASTER && plug_conf(host)->help && t->inst.n > PLUG_TINY && left > 0)
+	if (t->role == ROLE_MASTER && t->inst.n > PLUG_TINY && left > 0 &&
+	    (plug_conf(host)->help || t->min_assistants > 0))
 		plug_publish_help(t);
 
 	s = tsp_search_new(&t->inst, t->seed,
@@ -524,18 +606,20 @@ plug_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_outp
 		  plug_role_names[t->role], t->id, t->inst.n, (long long)tsp_search_length(s),
 		  (unsigned long long)tsp_search_iterations(s), (unsigned long long)t->adopted);
 	if (host->cancelled(cancel)) {
+		/* Requeued: protected assistants must not search on for a
+		 * master that restarts elsewhere (and asks again). */
+		if (t->role == ROLE_MASTER && t->requests_sent > 0)
+			plug_send_done(t, 0);
 		tsp_search_free(s);
 		snprintf(out->message, sizeof(out->message), "cancelled");
 		return OCCAMY_ERR_INTERRUPTED;
 	}
 	if (t->role == ROLE_MASTER) {
 		plug_result(t, s, out);
-		/* External assistants outlive us otherwise: until the deadline. */
-		if (t->help_sent || atomic_load_explicit(&t->has_assistants, memory_order_relaxed)) {
-			char dest[TSP_ID_MAX + 3];
-			snprintf(dest, sizeof(dest), "%s.a", t->master);
-			host->publish_control(host, dest, NULL, 0, "done", 4);
-		}
+		/* Assistants outlive us otherwise: until the deadline. */
+		if (t->help_sent || t->requests_sent > 0 ||
+		    atomic_load_explicit(&t->has_assistants, memory_order_relaxed))
+			plug_send_done(t, t->help_sent);
 	}
 	tsp_search_free(s);
 	return OCCAMY_OK;
@@ -550,11 +634,11 @@ plug_task_expand(void *task, size_t n, void **helpers)
 	struct plug_task *t = task, *a;
 	size_t i;
 
-	if (t->role == ROLE_INTERNAL || t->inst.n <= PLUG_TINY ||
+	if (t->role == ROLE_INTERNAL || t->inst.n <= PLUG_TINY || !plug_conf(t->host)->expand ||
 	    t->deadline_ms <= plug_wall_ms())
 		return 0;
 	for (i = 0; i < n; i++) {
-		a = plug_task_alloc(t->host, t->role == ROLE_MASTER ? ROLE_INTERNAL : ROLE_EXTERNAL,
+		a = plug_task_alloc(t->host, t->role == ROLE_EXTERNAL ? ROLE_EXTERNAL : ROLE_INTERNAL,
 				    t->master);
 		tsp_instance_copy(&a->inst, &t->inst);
 		a->deadline_ms = t->deadline_ms;
@@ -564,6 +648,33 @@ plug_task_expand(void *task, size_t n, void **helpers)
 	if (n > 0)
 		atomic_store_explicit(&t->has_assistants, 1, memory_order_relaxed);
 	return n;
+}
+
+/* Count an assistant the first time it reports, by the kind its tsp-from
+ * header names ("<role> <unique>").  Caller holds t->lock. */
+static void
+plug_seen(struct plug_task *t, const char *from, size_t len)
+{
+	uint64_t h = 1469598103934665603ULL;
+	unsigned i;
+	int role;
+
+	for (role = ROLE_INTERNAL; role <= ROLE_PROTECTED; role++) {
+		size_t k = strlen(plug_role_names[role]);
+		if (len > k && memcmp(from, plug_role_names[role], k) == 0 && from[k] == ' ')
+			break;
+	}
+	if (role > ROLE_PROTECTED)
+		return;
+	for (i = 0; i < len; i++)
+		h = (h ^ (unsigned char)from[i]) * 1099511628211ULL;
+	for (i = 0; i < t->nseen; i++)
+		if (t->seen[i] == h)
+			return;
+	if (t->nseen == PLUG_SEEN_MAX)
+		return;
+	t->seen[t->nseen++] = h;
+	t->seen_by_role[role]++;
 }
 
 /* A tour from an assistant (to a master) or from the master (to its
@@ -578,9 +689,11 @@ plug_task_handle(void *task, const struct occamy_headers *headers, const void *b
 	int n = t->inst.n, *tour, i;
 	int64_t claimed, real = 0;
 
-	(void)headers;
-	if (t->role != ROLE_MASTER && len == 4 && memcmp(body, "done", 4) == 0) {
-		atomic_store_explicit(&t->master_done, 1, memory_order_relaxed);
+	const struct occamy_header *from = occamy_headers_find(headers, "tsp-from");
+
+	if (len == 4 && memcmp(body, "done", 4) == 0) {
+		if (t->role != ROLE_MASTER)
+			atomic_store_explicit(&t->master_done, 1, memory_order_relaxed);
 		return;
 	}
 	/* "tour L N" and up to 11 bytes a city: anything longer is junk. */
@@ -604,6 +717,8 @@ plug_task_handle(void *task, const struct occamy_headers *headers, const void *b
 	}
 	pthread_mutex_lock(&t->lock);
 	t->reports++;
+	if (t->role == ROLE_MASTER && from != NULL && from->kind == OCCAMY_VALUE_STRING)
+		plug_seen(t, from->str, from->len);
 	if (real < t->inbox_len) {
 		int *old = t->inbox;
 		t->inbox = tour;

@@ -114,6 +114,8 @@ void tsp_buf_json_string(struct tsp_buf *b, const char *s);
 void tsp_buf_free(struct tsp_buf *b);
 
 /* A JSON request or help body. */
+#define TSP_ASSISTANTS_MAX 64 /* most protected assistants one master asks */
+
 struct tsp_json_request {
 	struct tsp_instance inst;
 	int64_t budget_ms;     /* -1: absent */
@@ -122,6 +124,7 @@ struct tsp_json_request {
 	uint64_t iterations;   /* 0: absent */
 	char master[TSP_ID_MAX + 1]; /* help bodies only; "" if absent */
 	int64_t deadline_ms;   /* help bodies only; -1 if absent */
+	int64_t min_assistants; /* -1: absent */
 };
 
 /* 1 if s[0..len) is a usable task ID: it goes into JSON and text bodies,

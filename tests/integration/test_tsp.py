@@ -72,11 +72,11 @@ def read_tsplib(name):
 class Pair:
     """Two tsp daemons sharing names, each with its own metrics port."""
 
-    def __init__(self, **plugin_opts):
+    def __init__(self, slots=SLOTS, **plugin_opts):
         self.ports = [free_port(), free_port()]
         tsp = {"tsp": dict(plugin_opts)}
-        self.a = Daemon(tsp, slots=SLOTS, metrics_listen=f"127.0.0.1:{self.ports[0]}")
-        self.b = Daemon(tsp, slots=SLOTS, names=self.a.names,
+        self.a = Daemon(tsp, slots=slots, metrics_listen=f"127.0.0.1:{self.ports[0]}")
+        self.b = Daemon(tsp, slots=slots, names=self.a.names,
                         metrics_listen=f"127.0.0.1:{self.ports[1]}")
 
     def __enter__(self):
@@ -259,6 +259,57 @@ def test_no_assistant_outlives_a_master_that_stops_early():
         if started[m][1] > 0:
             total = v['occamy_task_duration_seconds_sum{group="tsp",status="external"}']
             assert total / n < 0.2, f"they ran {total / n:.2f} s on average after done"
+        for d in (p.a, p.b):
+            assert d.stop() == 0
+
+
+@timeout(60)
+def test_min_assistants_2_are_protected_and_report_to_the_master():
+    # help = no: the only assistants besides internal ones are the two the
+    # master asks for with publish_request; they run protected (admission
+    # preempts internal helpers for them) and each reports at least once.
+    rnd = random.Random(7)
+    coords = [(rnd.uniform(0, 10000), rnd.uniform(0, 10000)) for _ in range(200)]
+    budget_ms = 1500 * SCALE
+    body = {"coords": coords, "budget_ms": budget_ms, "seed": 1, "min_assistants": 2}
+    with Pair(help="no") as p:
+        r = rpc(p.a, "tsp", body, timeout=30)
+        replied = time.monotonic()
+        res = r.json()
+        note(f"reply: {summary(res)}")
+        check_tour(res, coords)
+        assert res["min_assistants"] == 2, summary(res)
+        assert res["assistants"]["protected"] == 2, summary(res)
+        assert res["assistants"]["external"] == 0, summary(res)
+        adm = [v["occamy_admissions_total"] for v in p.metrics()]
+        assert sum(adm) == 3, f"admissions a, b = {adm}: master + 2 assistants"
+        p.wait_idle(STOP_WITHIN_S, replied)
+        for d in (p.a, p.b):
+            assert d.stop() == 0
+
+
+@timeout(120)
+def test_help_is_withdrawn_when_a_master_stops_early_on_1_slot_daemons():
+    # The benchmark's case: 1-slot daemons, a master that reaches the known
+    # optimum in milliseconds.  Its help request waits in its own daemon's
+    # store (the master fills the only slot) and starts on the other one.
+    # The master's "occamy-done" withdraws both: 100 ms after each reply
+    # no slot holds a helper for it and nothing is stored, and no external
+    # ever starts on the master's daemon.
+    data, coords = read_tsplib("berlin52")
+    with Pair(slots=1) as p:
+        for seed in range(8):
+            r = rpc(p.a, "tsp", data, headers={"budget-ms": 3000, "seed": seed}, timeout=30)
+            replied = time.monotonic()
+            res = r.json()
+            assert check_tour(res, coords) == 7542, summary(res)
+            p.wait_idle(0.1 + 0.1 * (SCALE - 1), replied, hold=0.2)
+        v = p.metrics()
+        withdrawn = [m['occamy_external_dropped_total{reason="withdrawn"}'] for m in v]
+        expired = [m['occamy_external_dropped_total{reason="expired"}'] for m in v]
+        started = p.helpers_started()
+        note(f"withdrawn a, b = {withdrawn}; expired {expired}; helpers started {started}")
+        assert sum(expired) == 0, expired
         for d in (p.a, p.b):
             assert d.stop() == 0
 
