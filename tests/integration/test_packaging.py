@@ -156,7 +156,8 @@ def test_make_deb_builds_both_packages_with_generated_depends_and_lintian_report
         assert lib in depends, depends
     paths = deb_paths(d)
     for p in ("/usr/sbin/occamyd", "/usr/bin/occamyctl", "/usr/lib/occamy/plugins/tsp.so",
-              "/lib/systemd/system/occamyd.service", "/etc/occamy/occamy.ini",
+              "/lib/systemd/system/occamyd.service", "/lib/systemd/system/occamyd@.service",
+              "/etc/occamy/occamy.ini",
               "/usr/share/man/man8/occamyd.8.gz", "/usr/share/man/man5/occamy.ini.5.gz",
               "/usr/share/man/man1/occamyctl.1.gz", "/usr/share/doc/occamyd/README.Debian",
               "/usr/share/doc/occamyd/copyright", "/usr/share/doc/occamyd/changelog.gz"):
@@ -369,8 +370,11 @@ def test_real_prometheus_records_the_fleet_series_of_two_daemons_and_fires_then_
             Prometheus([f"127.0.0.1:{p}" for p in ports], fast_rules(os.path.join(tmp, "r.yml"))) as prom:
         wait_until(lambda: prom.scalar("count(up == 1)") == 2, timeout=30 * SCALE,
                    interval=0.5, what="prometheus scrapes both daemons")
-        wait_until(lambda: prom.scalar("occamy:slots_capacity:sum") is not None,
-                   timeout=30 * SCALE, interval=0.5, what="recorded fleet series")
+        # Both daemons in the recorded series (a rule evaluated between the
+        # two first scrapes saw one).
+        wait_until(lambda: prom.scalar("occamy:slots_capacity:sum") == 2 and
+                   prom.scalar("occamy:daemons_connected:sum") == 2,
+                   timeout=30 * SCALE, interval=0.5, what="recorded fleet series of both")
         direct = [scrape_metrics(p) for p in ports]
         assert prom.scalar("occamy:slots_capacity:sum") == \
             sum(m["occamy_slots_capacity"] for m in direct) == 2
