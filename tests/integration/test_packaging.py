@@ -258,6 +258,62 @@ def test_packages_install_enable_without_starting_check_config_build_a_plugin_an
 
 # ------------------------------------------------------------- Prometheus
 
+def dashboard_exprs():
+    out = []
+
+    def walk(o):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if k == "expr" and isinstance(v, str):
+                    out.append(v)
+                else:
+                    walk(v)
+        elif isinstance(o, list):
+            for x in o:
+                walk(x)
+    with open(os.path.join(ROOT, "conf", "grafana-occamy.json")) as f:
+        walk(json.load(f))
+    return out
+
+
+@timeout(60)
+def test_grafana_dashboard_queries_parse_and_name_only_exported_or_recorded_series():
+    need_tool("promtool")
+    exprs = dashboard_exprs()
+    assert len(exprs) > 10, exprs
+    with tempfile.TemporaryDirectory() as tmp:
+        # Every query, with Grafana's variables filled in, as a recording
+        # rule: promtool parses each.
+        path = os.path.join(tmp, "dashboard.rules.yml")
+        with open(path, "w") as f:
+            f.write("groups:\n  - name: dashboard\n    rules:\n")
+            for i, e in enumerate(exprs):
+                q = (e.replace("$job", ".*").replace("$instance", ".*")
+                     .replace("$__rate_interval", "1m"))
+                f.write(f"      - record: dashboard:q{i}\n        expr: {json.dumps(q)}\n")
+        out = ok(run(["promtool", "check", "rules", path]))
+        assert "SUCCESS" in out, out
+    port = free_port()
+    with Daemon(["sleep"], slots=1, metrics_listen=f"127.0.0.1:{port}") as d:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert d.stop() == 0
+    exported = set()
+    for m in re.finditer(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        exported.add(m.group(1))
+        if m.group(2) == "histogram":
+            exported |= {m.group(1) + s for s in ("_bucket", "_sum", "_count")}
+    with open(RULES) as f:
+        recorded = set(re.findall(r"record: (\S+)", f.read()))
+    used = {n for e in exprs for n in re.findall(r"\b((?:occamy|process)[a-z0-9_:]*)", e)}
+    unknown = sorted(used - exported - recorded)
+    assert not unknown, f"dashboard names series nobody exports or records: {unknown}"
+    fleet = [e for e in exprs if e in recorded]
+    assert {"occamy:protected_ratio:avg", "occamy:erlang_intensity:max"} <= set(fleet), fleet
+    note(f"{len(exprs)} dashboard queries parse; {len(used)} series, all exported or recorded; "
+         f"fleet panels on the recorded series {sorted(set(fleet))}")
+
+
 def test_rules_pass_promtool_check_and_their_unit_tests():
     need_tool("promtool")
     out = ok(run(["promtool", "check", "rules", RULES]))
