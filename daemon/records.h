@@ -6,7 +6,7 @@
  * Two files per state_dir: "daemon" (text: instance, pid, start, config,
  * slots, state running|stopped, crashes so far; replaced by rename) and
  * "tasks" (fixed 512-byte records, one per request in hand, each with a
- * CRC, so a record torn by a crash in the middle of a write is ignored,
+ * checksum, so a record torn by a crash in the middle of a write is ignored,
  * never misread).  A lock file keeps two daemons off one state_dir.
  *
  * Threads: records_open() and records_close() on the main thread;
