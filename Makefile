@@ -103,6 +103,10 @@ TRANSPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(wildcard daemon/transport*.c) \
 $(B)/tests/tools/amqp_smoke: $(B)/tests/tools/amqp_smoke.o $(TRANSPORT_OBJ)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
 
+$(B)/bench/records_micro: $(B)/bench/records_micro.o $(B)/daemon/records.o \
+	$(B)/daemon/clock.o $(B)/daemon/log.o
+	$(CC) $(ALL_LDFLAGS) -o $@ $^
+
 $(B)/tests/tools/% $(B)/bench/%: ALL_LIBS := $(LIBS)
 $(B)/tests/tools/%: $(B)/tests/tools/%.o
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)

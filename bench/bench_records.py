@@ -21,6 +21,7 @@ Writes $OCCAMY_BENCH_OUT/bench_records.md (default bench/out).
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,6 +86,11 @@ def main():
         (ron, con), (roff, coff) = med["on"], med["off"]
         L.append(f"| {slots} | {ron:.0f} | {roff:.0f} | {med['rate_ratio']:.3f} | {con:.1f} | "
                  f"{coff:.1f} | {med['cpu_ratio']:.3f} |")
+    micro = subprocess.run([os.path.join(ARGS.build, "bench", "records_micro"),
+                            "200000" if ARGS.smoke else "2000000"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    L += ["", f"The records alone (`bench/records_micro`: `records_begin` + `records_end` in a "
+              f"loop, no broker): {micro}."]
     text = "\n".join(L) + "\n"
     with open(os.path.join(ARGS.out, "bench_records.md"), "w") as f:
         f.write(text)
