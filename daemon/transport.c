@@ -239,10 +239,11 @@ transport_run(struct transport *t)
 		log_warnx("%zu plugin publishes dropped at stop: the broker could not be "
 			  "reached in time", dropped);
 	pthread_mutex_lock(&t->lock);
-	log_info("AMQP totals: %" PRIu64 " requests, %" PRIu64 " acks, %" PRIu64 " requeues, %"
-		 PRIu64 " retries, %" PRIu64 " dead letters, %" PRIu64 " reconnects",
-		 t->stats.deliveries, t->stats.acks, t->stats.requeues, t->stats.retries,
-		 t->stats.dead_letters, t->stats.reconnects);
+	log_info("AMQP totals: %" PRIu64 " requests, %" PRIu64 " control messages, %" PRIu64
+		 " acks, %" PRIu64 " requeues, %" PRIu64 " retries, %" PRIu64 " dead letters, %"
+		 PRIu64 " reconnects",
+		 t->stats.deliveries, t->stats.control_deliveries, t->stats.acks, t->stats.requeues,
+		 t->stats.retries, t->stats.dead_letters, t->stats.reconnects);
 	pthread_mutex_unlock(&t->lock);
 	while ((d = late) != NULL) {
 		late = d->next;

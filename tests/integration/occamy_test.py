@@ -690,11 +690,12 @@ def scrape_metrics(port):
 
 def transport_totals(daemon):
     """The "AMQP totals" line occamyd logs at exit, as a dict."""
-    m = re.findall(r"AMQP totals: (\d+) requests, (\d+) acks, (\d+) requeues, (\d+) retries, "
-                   r"(\d+) dead letters, (\d+) reconnects", daemon.log())
+    m = re.findall(r"AMQP totals: (\d+) requests, (\d+) control messages, (\d+) acks, "
+                   r"(\d+) requeues, (\d+) retries, (\d+) dead letters, (\d+) reconnects",
+                   daemon.log())
     if not m:
         raise AssertionError("no 'AMQP totals' line in the log\n" + daemon.log_tail())
-    keys = ("requests", "acks", "requeues", "retries", "dead_letters", "reconnects")
+    keys = ("requests", "control", "acks", "requeues", "retries", "dead_letters", "reconnects")
     return dict(zip(keys, map(int, m[-1])))
 
 
