@@ -707,10 +707,11 @@ class FaultProxy:
         with FaultProxy() as px, Daemon(..., uri=px.uri) as d:
             px.stall_down(after=100)  # broker->client: pass 100 more bytes, then hold
             px.resume()               # pass what was held, and the rest
-            px.cut()                  # close every proxied connection
+            px.stall_up()             # client->broker: hold everything
+            px.cut()                  # close every proxied connection (held bytes are lost)
 
-    Bytes from the client always pass (so a daemon's acks and publishes
-    reach the broker while its reads are stalled)."""
+    Unless stall_up() is on, bytes from the client pass (so a daemon's acks
+    and publishes reach the broker while its reads are stalled)."""
 
     def __init__(self):
         import select as _select
@@ -727,6 +728,7 @@ class FaultProxy:
         self.uri = f"amqp://{u.username}:{u.password}@127.0.0.1:{self.port}{u.path or '/'}"
         self.pairs = []        # [client, upstream, held bytes for client]
         self.down_budget = None  # None: pass all; n: pass n more bytes, then hold
+        self.up_held = False     # client->broker bytes held
         self.connections = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -763,7 +765,9 @@ class FaultProxy:
                         self._drop(pair)
                         continue
                     try:
-                        if s is pair[0]:
+                        if s is pair[0] and self.up_held:
+                            pass  # held, then lost with the connection
+                        elif s is pair[0]:
                             pair[1].sendall(data)
                         else:
                             self._down(pair, data)
@@ -793,9 +797,14 @@ class FaultProxy:
         with self._lock:
             self.down_budget = after
 
+    def stall_up(self, on=True):
+        with self._lock:
+            self.up_held = on
+
     def resume(self):
         with self._lock:
             self.down_budget = None
+            self.up_held = False
             for p in list(self.pairs):
                 if p[2]:
                     try:

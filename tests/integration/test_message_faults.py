@@ -16,6 +16,7 @@ connection (issue: "A bad message or a refused publish costs one message").
 """
 
 import os
+import signal
 import re
 import sys
 import time
@@ -252,6 +253,39 @@ def test_a_flood_of_bad_requests_is_counted_and_logged_at_most_once_a_second():
         note(f"{n} invalid requests in {took:.1f}s: {len(lines)} log lines")
         assert 1 <= len(lines) <= took + 2, len(lines)
         assert d.stop() == 0
+
+
+@timeout(90)
+def test_a_plugin_publish_lost_with_the_connection_at_sigterm_is_still_sent():
+    # The publish goes out, the proxy swallows it, the connection is cut and
+    # SIGTERM comes before the reconnect: the stopping daemon connects once
+    # more (without consuming) to send it.
+    with FaultProxy() as px, Daemon(["publisher"], slots=1, uri=px.uri) as d, \
+            channel(confirm=False) as ch:
+        q = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(q, d.names["control_exchange"])
+        publish_request(d, "publisher", b"control 8 5")
+        time.sleep(0.5)
+        px.stall_up()
+        time.sleep(0.5)
+        publish_request(d, "publisher", b"control 9 5")
+        time.sleep(1.0)  # run, published into the proxy, held there
+        px.cut()
+        px.stall_up(False)
+        d.send_signal(signal.SIGTERM)
+        assert d.wait_exit(30) == 0
+        got = []
+        deadline = time.monotonic() + 10 * SCALE
+        while time.monotonic() < deadline and not any("k" * 9 in h for h in got):
+            method, props, body = ch.basic_get(q, auto_ack=True)
+            if method is None:
+                time.sleep(0.1)
+                continue
+            got.append(" ".join((props.headers or {}).keys()))
+        assert any("k" * 9 in h for h in got), (got, d.log_tail())
+        assert "plugin publishes dropped at stop" not in d.log(), d.log_tail()
+        note("the publish held by the proxy went out after SIGTERM: "
+             + ", ".join(sorted(set(got))))
 
 
 if __name__ == "__main__":
