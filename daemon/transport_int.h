@@ -313,6 +313,7 @@ void
 settlements_drain(struct transport *t);
 
 /* transport_publish.c */
+bool properties_fit(struct transport *t, const amqp_basic_properties_t *p, size_t headroom);
 enum publish_result
 publish_checked(struct transport *t, const char *exchange, amqp_bytes_t rkey, bool mandatory,
 		const amqp_basic_properties_t *p, amqp_bytes_t body, char *why, size_t whylen);

@@ -57,6 +57,35 @@ publish_in_frames(struct transport *t, const char *exchange, amqp_bytes_t rkey,
 	return rc;
 }
 
+/* Do the properties p, encoded, fit in a header frame with headroom bytes
+ * to spare?  A cheap upper bound first, so that the usual small reply or
+ * copy is not encoded twice: 64 for the flags and fixed fields, 9 short
+ * strings of at most 256, and per header its key, 16 for kinds and lengths
+ * and a string's bytes; a table or an array is encoded to see. */
+bool
+properties_fit(struct transport *t, const amqp_basic_properties_t *p, size_t headroom)
+{
+	size_t bound = 64 + 9 * 256;
+	const amqp_table_t *h = &p->headers;
+	int rc;
+
+	if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
+		for (int i = 0; i < h->num_entries; i++) {
+			const amqp_field_value_t *v = &h->entries[i].value;
+			bound += 16 + h->entries[i].key.len;
+			if (v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES)
+				bound += v->value.bytes.len;
+			else if (v->kind == AMQP_FIELD_KIND_TABLE || v->kind == AMQP_FIELD_KIND_ARRAY)
+				bound += t->frame_max; /* unknown: encode to see */
+		}
+	}
+	if (bound + headroom + HEADER_FRAME_OVERHEAD <= t->frame_max)
+		return true;
+	rc = amqp_encode_properties(AMQP_BASIC_CLASS, (void *)p,
+				    (amqp_bytes_t){t->frame_max - HEADER_FRAME_OVERHEAD, t->scratch});
+	return rc >= 0 && (size_t)rc + headroom + HEADER_FRAME_OVERHEAD <= t->frame_max;
+}
+
 /* The one way out.  PUB_REFUSED (and why) for a message that cannot be
  * sent as it is; nothing was written then. */
 enum publish_result
@@ -75,9 +104,7 @@ publish_checked(struct transport *t, const char *exchange, amqp_bytes_t rkey, bo
 	}
 	if ((p->_flags & AMQP_BASIC_HEADERS_FLAG) && !table_keys_fit(&p->headers, why, whylen))
 		return PUB_REFUSED;
-	rc = amqp_encode_properties(AMQP_BASIC_CLASS, (void *)p,
-				    (amqp_bytes_t){t->frame_max - HEADER_FRAME_OVERHEAD, t->scratch});
-	if (rc < 0) {
+	if (!properties_fit(t, p, 0)) {
 		snprintf(why, whylen, "headers do not fit in the %u-byte frame", t->frame_max);
 		return PUB_REFUSED;
 	}

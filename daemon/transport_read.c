@@ -20,34 +20,11 @@
 #include "log.h"
 #include "transport_int.h"
 
-/* Could a copy of these properties, with our headers added, still be sent?
- * A cheap bound first: most messages are far from the frame size. */
-static bool
-properties_copyable(struct transport *t, const amqp_basic_properties_t *p)
-{
-	size_t bound = 64 + 9 * 256;
-	const amqp_table_t *h = &p->headers;
-	int rc;
-
-	if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
-		for (int i = 0; i < h->num_entries; i++) {
-			const amqp_field_value_t *v = &h->entries[i].value;
-			bound += 16 + h->entries[i].key.len;
-			if (v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES)
-				bound += v->value.bytes.len;
-			else if (v->kind == AMQP_FIELD_KIND_TABLE || v->kind == AMQP_FIELD_KIND_ARRAY)
-				bound += t->frame_max; /* unknown: encode to see */
-		}
-	}
-	if (bound + COPY_HEADROOM + HEADER_FRAME_OVERHEAD <= t->frame_max)
-		return true;
-	rc = amqp_encode_properties(AMQP_BASIC_CLASS, (void *)p,
-				    (amqp_bytes_t){t->frame_max - HEADER_FRAME_OVERHEAD, t->scratch});
-	return rc >= 0 && (size_t)rc + COPY_HEADROOM + HEADER_FRAME_OVERHEAD <= t->frame_max;
-}
-
 /* What identifies a request across copies and redeliveries: its
- * message id, or a hash of its body, correlation id, handler and task id. */
+ * message id, or a hash of its body (its length and at most its first
+ * FINGERPRINT_BODY_MAX bytes: this runs for every request on the owner
+ * thread), correlation id, handler and task id. */
+#define FINGERPRINT_BODY_MAX 65536
 static void
 fingerprint_of(const struct delivery *d, const char *handler, const char *task_id, char *out,
 	       size_t len)
@@ -62,7 +39,8 @@ fingerprint_of(const struct delivery *d, const char *handler, const char *task_i
 		return;
 	}
 	b = d->msg.body.bytes;
-	for (size_t i = 0; i < d->msg.body.len; i++)
+	h = (h ^ d->msg.body.len) * 0x100000001b3u;
+	for (size_t i = 0; i < d->msg.body.len && i < FINGERPRINT_BODY_MAX; i++)
 		h = (h ^ b[i]) * 0x100000001b3u;
 	if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) {
 		b = p->correlation_id.bytes;
@@ -171,7 +149,7 @@ delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, bool 
 	else
 		STAT_ADD(t, control_deliveries, 1);
 
-	if (!properties_copyable(t, &d->msg.properties)) {
+	if (!properties_fit(t, &d->msg.properties, COPY_HEADROOM)) {
 		/* Every outcome but an ack needs a copy: refuse it now,
 		 * while a trimmed dead-letter copy can still say why. */
 		d->outcome = SETTLE_DEAD_LETTER;
