@@ -16,9 +16,10 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from occamy_test import (Daemon, ReplyQueue, broker_restart, free_port,  # noqa: E402
+from occamy_test import (SCALE, Daemon, ReplyQueue, broker_restart, free_port,  # noqa: E402
                          get_dead_letters, note, publish_control, publish_request,
-                         queue_counts, rpc, run_tests, timeout, wait_until)
+                         queue_counts, rpc, run_tests, scrape_metrics, timeout,
+                         wait_until)
 
 
 def recorder_log():
@@ -181,6 +182,39 @@ def test_help_request_from_a_master_is_served_by_another_daemon():
         # One slot beside the master is internal; the other daemon's two
         # slots go to external helpers that reported back by task ID.
         assert reports >= 3 and internal >= 1 and external >= 2, r.text
+
+
+@timeout(90)
+def test_one_help_request_fills_an_idle_4_slot_daemon_at_once():
+    # With expansion_period_ms = 1000 the periodic pass cannot be what fills
+    # the slots: the help request's arrival wakes expansion (one external),
+    # and that external's start wakes it again so its own expand() takes the
+    # other three.  Without the second wake the three would wait for the
+    # next period (0-1000 ms later); five rounds all under 300 ms cannot
+    # happen by luck (0.3^5).
+    port = free_port()
+    with Daemon(["expander"], slots=4, expansion_period_ms=1000,
+                metrics_listen=f"127.0.0.1:{port}") as d:
+        def external():
+            return scrape_metrics(port)['occamy_slots{status="external"}']
+        fills = []
+        for i in range(5):
+            deadline_ms = int(time.time() * 1000) + 600 * SCALE
+            t0 = time.monotonic()
+            publish_control(d, body=f"fill-{i} {deadline_ms}".encode(), handler="expander")
+            seen = 0
+            while seen < 4 and time.monotonic() - t0 < 5 * SCALE:
+                seen = max(seen, external())
+            fills.append(time.monotonic() - t0)
+            assert seen == 4, f"round {i}: at most {seen:.0f} of 4 slots external at once"
+            # The externals end at their master's deadline; start the next
+            # round on an idle daemon.
+            wait_until(lambda: scrape_metrics(port)['occamy_slots{status="empty"}'] == 4,
+                       10, 0.02, "every slot empty again")
+        note("publish -> 4 of 4 slots external (seen by polling /metrics): "
+             + ", ".join(f"{t * 1000:.1f}" for t in fills) + " ms")
+        assert max(fills) < 0.3 * SCALE, fills
+        assert d.stop() == 0
 
 
 @timeout(120)
