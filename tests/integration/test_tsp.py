@@ -7,6 +7,8 @@ external assistants on the second daemon.  Each test checks the reply (a
 valid tour whose length is what it claims, assistants' reports counted) and
 that no assistant outlives its master: shortly after the reply every slot of
 both daemons is empty again, nothing drains and no help request is stored.
+One test uses three 1-slot daemons, so that a master's two protected
+assistants (min_assistants = 2) can only run on the other two servers.
 
 The TSPLIB instances come from ../shared/data/tsplib (relative to the repo
 root); tests that need them are skipped when that directory is absent.
@@ -69,31 +71,39 @@ def read_tsplib(name):
     return data, [coords[i] for i in range(1, len(coords) + 1)]
 
 
-class Pair:
-    """Two tsp daemons sharing names, each with its own metrics port."""
+class Fleet:
+    """n tsp daemons sharing names, each with its own metrics port."""
 
-    def __init__(self, slots=SLOTS, **plugin_opts):
-        self.ports = [free_port(), free_port()]
+    def __init__(self, n, slots=SLOTS, **plugin_opts):
+        self.ports = [free_port() for _ in range(n)]
         tsp = {"tsp": dict(plugin_opts)}
-        self.a = Daemon(tsp, slots=slots, metrics_listen=f"127.0.0.1:{self.ports[0]}")
-        self.b = Daemon(tsp, slots=slots, names=self.a.names,
-                        metrics_listen=f"127.0.0.1:{self.ports[1]}")
+        first = Daemon(tsp, slots=slots, metrics_listen=f"127.0.0.1:{self.ports[0]}")
+        self.daemons = [first] + [
+            Daemon(tsp, slots=slots, names=first.names, metrics_listen=f"127.0.0.1:{p}")
+            for p in self.ports[1:]]
 
     def __enter__(self):
-        self.a.__enter__()
+        started = []
         try:
-            self.b.__enter__()
+            for d in self.daemons:
+                d.__enter__()
+                started.append(d)
         except BaseException:
-            self.a.__exit__(*sys.exc_info())
+            for d in reversed(started):
+                d.__exit__(*sys.exc_info())
             raise
         return self
 
     def __exit__(self, *exc):
         try:
-            self.b.__exit__(*exc)
+            for d in reversed(self.daemons[1:]):
+                d.__exit__(*exc)
         finally:
-            self.a.__exit__(*exc)
+            self.daemons[0].__exit__(*exc)
         return False
+
+    def names(self):
+        return "abcdefgh"[:len(self.daemons)]
 
     def metrics(self):
         return [scrape(p) for p in self.ports]
@@ -111,8 +121,11 @@ class Pair:
                 out[k] = v[k]
         return out
 
+    def busy_text(self):
+        return " ".join(f"{n}={self.busy(v)}" for n, v in zip(self.names(), self.metrics()))
+
     def wait_idle(self, within, since, hold=0.5):
-        """Both daemons idle within `within` s of `since` (monotonic), and
+        """Every daemon idle within `within` s of `since` (monotonic), and
         still idle `hold` s later (no stored help request starts late).
         Returns how long after `since` they were first seen idle."""
         def idle():
@@ -123,25 +136,41 @@ class Pair:
         except AssertionError:
             raise AssertionError(
                 f"assistants outlived their master: {within}s after the reply "
-                f"a={self.busy(self.metrics()[0])} b={self.busy(self.metrics()[1])}") from None
+                f"{self.busy_text()}") from None
         seen = time.monotonic() - since
         t_end = time.monotonic() + hold
         while time.monotonic() < t_end:
             busy = [self.busy(v) for v in self.metrics()]
-            assert not any(busy), f"a task started after the reply: a={busy[0]} b={busy[1]}"
+            assert not any(busy), f"a task started after the reply: {self.busy_text()}"
             time.sleep(0.05)
         return seen
 
     def helpers_started(self):
-        """[(internal, external)] helpers started on a and b."""
+        """[(internal, external)] helpers started on each daemon."""
         return [(v['occamy_helpers_started_total{kind="internal"}'],
                  v['occamy_helpers_started_total{kind="external"}']) for v in self.metrics()]
 
+    def admissions(self):
+        return [v["occamy_admissions_total"] for v in self.metrics()]
+
     def master_daemon(self):
-        """Index (0 = a, 1 = b) of the daemon that admitted the request."""
-        adm = [v["occamy_admissions_total"] for v in self.metrics()]
-        assert sorted(adm) == [0, 1], f"admissions a, b = {adm}: expected one request"
+        """Index (0 = a, 1 = b, ...) of the daemon that admitted the request."""
+        adm = self.admissions()
+        assert sorted(adm) == [0] * (len(adm) - 1) + [1], \
+            f"admissions {self.names()} = {adm}: expected one request"
         return adm.index(1)
+
+    def stop(self):
+        for d in self.daemons:
+            assert d.stop() == 0
+
+
+class Pair(Fleet):
+    """Two tsp daemons, a and b."""
+
+    def __init__(self, slots=SLOTS, **plugin_opts):
+        super().__init__(2, slots=slots, **plugin_opts)
+        self.a, self.b = self.daemons
 
 
 def check_tour(result, coords):
@@ -199,8 +228,7 @@ def test_master_and_assistants_on_two_daemons_full_budget():
         note(f"both daemons idle {seen:.2f}s after the reply")
         ctl = [v['occamy_control_messages_total{result="routed"}'] for v in p.metrics()]
         assert ctl[m] >= res["reports"], (ctl, res["reports"])
-        for d in (p.a, p.b):
-            assert d.stop() == 0
+        p.stop()
 
 
 @timeout(60)
@@ -220,8 +248,7 @@ def test_berlin52_reaches_the_optimum_within_2s():
         p.master_daemon()
         seen = p.wait_idle(STOP_WITHIN_S, replied)
         note(f"both daemons idle {seen:.2f}s after the reply")
-        for d in (p.a, p.b):
-            assert d.stop() == 0
+        p.stop()
 
 
 @timeout(90)
@@ -259,8 +286,7 @@ def test_no_assistant_outlives_a_master_that_stops_early():
         if started[m][1] > 0:
             total = v['occamy_task_duration_seconds_sum{group="tsp",status="external"}']
             assert total / n < 0.2, f"they ran {total / n:.2f} s on average after done"
-        for d in (p.a, p.b):
-            assert d.stop() == 0
+        p.stop()
 
 
 @timeout(60)
@@ -284,8 +310,35 @@ def test_min_assistants_2_are_protected_and_report_to_the_master():
         adm = [v["occamy_admissions_total"] for v in p.metrics()]
         assert sum(adm) == 3, f"admissions a, b = {adm}: master + 2 assistants"
         p.wait_idle(STOP_WITHIN_S, replied)
-        for d in (p.a, p.b):
-            assert d.stop() == 0
+        p.stop()
+
+
+@timeout(90)
+def test_min_assistants_2_run_protected_on_the_other_two_of_three_daemons():
+    # Three 1-slot daemons: the master fills its daemon's only slot with a
+    # protected task, so that daemon asks the broker for nothing more
+    # (prefetch = slots) and its two assistant requests can only be served
+    # by the other two, one each.  Their reports reach the master by task
+    # ID through the control exchange, and the reply counts them.
+    rnd = random.Random(8)
+    coords = [(rnd.uniform(0, 10000), rnd.uniform(0, 10000)) for _ in range(200)]
+    budget_ms = 1500 * SCALE
+    body = {"coords": coords, "budget_ms": budget_ms, "seed": 2, "min_assistants": 2}
+    with Fleet(3, slots=1, help="no") as f:
+        r = rpc(f.daemons[0], "tsp", body, timeout=30)
+        replied = time.monotonic()
+        res = r.json()
+        note(f"reply: {summary(res)}")
+        check_tour(res, coords)
+        assert res["min_assistants"] == 2, summary(res)
+        assert res["assistants"] == {"protected": 2, "internal": 0, "external": 0}, summary(res)
+        adm = f.admissions()
+        assert adm == [1, 1, 1], f"admissions a, b, c = {adm}: one task on each daemon"
+        done = [v['occamy_tasks_total{group="tsp",status="protected",result="ok"}']
+                for v in f.metrics()]
+        assert done == [1, 1, 1], f"protected tasks completed on a, b, c = {done}"
+        f.wait_idle(STOP_WITHIN_S, replied)
+        f.stop()
 
 
 @timeout(120)
@@ -310,8 +363,7 @@ def test_help_is_withdrawn_when_a_master_stops_early_on_1_slot_daemons():
         started = p.helpers_started()
         note(f"withdrawn a, b = {withdrawn}; expired {expired}; helpers started {started}")
         assert sum(expired) == 0, expired
-        for d in (p.a, p.b):
-            assert d.stop() == 0
+        p.stop()
 
 
 if __name__ == "__main__":
