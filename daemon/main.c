@@ -96,7 +96,9 @@ sched_config_from(const struct config *c, struct sched_config *sc)
 	};
 }
 
-/* Plugins publish through the transport. */
+/* Plugins publish through the transport.  A help request that names its
+ * master is noted, so that the daemon itself withdraws it when that master
+ * ends (see announce_master_ended). */
 static int
 publish_via_transport(void *ctx, enum publish_target target, const char *name,
 		      const struct occamy_kv *headers, size_t nheaders,
@@ -107,8 +109,29 @@ publish_via_transport(void *ctx, enum publish_target target, const char *name,
 		[TARGET_CONTROL] = PUBLISH_CONTROL,
 		[TARGET_HELP] = PUBLISH_HELP,
 	};
+	struct daemon *d = ctx;
+	size_t i;
+	int rc = transport_publish(d->transport, kinds[target], name, headers, nheaders,
+				   body, len);
 
-	return transport_publish(ctx, kinds[target], name, headers, nheaders, body, len);
+	if (rc == 0 && target == TARGET_HELP)
+		for (i = 0; i < nheaders; i++)
+			if (strcmp(headers[i].key, OCCAMY_HEADER_MASTER) == 0)
+				sched_note_help_published(d->sched, headers[i].value);
+	return rc;
+}
+
+/* The scheduler's withdrawal hook: a master that published help ended, so
+ * tell every server (this one included) through the control exchange.  A
+ * failed publish is logged by the transport; the help then expires at its
+ * deadline, as it would without withdrawal. */
+static void
+announce_master_ended(void *ctx, const char *master_id)
+{
+	struct daemon *d = ctx;
+	const struct occamy_kv done = {OCCAMY_HEADER_DONE, "1"};
+
+	(void)transport_publish(d->transport, PUBLISH_CONTROL, master_id, &done, 1, "", 0);
 }
 
 /* Transport thread: one ping per half watchdog interval, only while the
@@ -483,7 +506,8 @@ main(int argc, char **argv)
 	d.transport = transport_new(&d.cfg, d.sched, &hooks);
 	metrics_attach_transport(d.metrics, d.transport);
 	records_start(&d);
-	router_set_publisher(d.router, publish_via_transport, d.transport);
+	router_set_publisher(d.router, publish_via_transport, &d);
+	sched_set_withdrawal(d.sched, announce_master_ended, &d);
 	if (pthread_create(&d.transport_thread, NULL, transport_main, d.transport) != 0)
 		fatal("cannot start the transport thread");
 	pthread_setname_np(d.transport_thread, "amqp");
@@ -525,6 +549,7 @@ main(int argc, char **argv)
 	transport_quiesce(d.transport);
 	sched_shutdown(d.sched);
 	router_set_publisher(d.router, NULL, NULL);
+	sched_set_withdrawal(d.sched, NULL, NULL);
 	transport_stop(d.transport);
 	pthread_join(d.transport_thread, NULL);
 	metrics_stop(d.metrics);

@@ -203,6 +203,20 @@ void sched_submit_request(struct sched *s, struct message *m);
 /* Hand over a control message (with or without task ID); settled once. */
 void sched_submit_control(struct sched *s, struct message *m);
 
+/* WITHDRAWAL (occamy/plugin.h), sent by the daemon.  A task published a
+ * help request naming master_id (OCCAMY_HEADER_MASTER); the scheduler
+ * remembers it (for external_ttl_ms, at most SCHED_HELP_PUBLISHED_MAX ids).
+ * When a protected task with that ID ends with a final settlement (ack or
+ * dead letter, never a requeue or retry: it may run again under the same
+ * ID), the scheduler calls announce(ctx, master_id) once, without its lock,
+ * on the thread that finished the task; announce publishes the daemon-level
+ * "done" control message that makes every server drop the help.  Set it
+ * once the transport exists; NULL stops announcing. */
+#define SCHED_HELP_PUBLISHED_MAX 256
+typedef void (*sched_announce_fn)(void *ctx, const char *master_id);
+void sched_set_withdrawal(struct sched *s, sched_announce_fn announce, void *ctx);
+void sched_note_help_published(struct sched *s, const char *master_id);
+
 /* Run an expansion pass now (also runs by itself). */
 void sched_expand_now(struct sched *s);
 

@@ -210,6 +210,72 @@ withdrawn_free(struct sched *s)
 
 	for (i = 0; i < WITHDRAWN_MAX; i++)
 		free(s->withdrawn[i].id);
+	for (i = 0; i < SCHED_HELP_PUBLISHED_MAX; i++)
+		free(s->help_published[i].id);
+}
+
+void
+sched_set_withdrawal(struct sched *s, sched_announce_fn announce, void *ctx)
+{
+	pthread_mutex_lock(&s->mu);
+	s->announce = announce;
+	s->announce_ctx = ctx;
+	pthread_mutex_unlock(&s->mu);
+}
+
+/* Any thread (a plugin's publish_help).  Past external_ttl_ms the help
+ * request has expired everywhere, so the entry can be forgotten; a full
+ * ring forgets the oldest, whose master then ends unannounced and its help
+ * expires at its deadline, as before withdrawal existed. */
+void
+sched_note_help_published(struct sched *s, const char *master_id)
+{
+	int64_t now = clock_wall_ms();
+	struct withdrawn *w;
+	unsigned i;
+
+	if (master_id == NULL || master_id[0] == '\0')
+		return;
+	pthread_mutex_lock(&s->mu);
+	for (i = 0; i < SCHED_HELP_PUBLISHED_MAX; i++) {
+		w = &s->help_published[i];
+		if (w->id != NULL && strcmp(w->id, master_id) == 0) {
+			w->until_ms = now + (int64_t)s->cfg.external_ttl_ms;
+			pthread_mutex_unlock(&s->mu);
+			return;
+		}
+	}
+	w = &s->help_published[s->nhelp_published_next];
+	s->nhelp_published_next = (s->nhelp_published_next + 1) % SCHED_HELP_PUBLISHED_MAX;
+	free(w->id);
+	w->id = xstrdup(master_id);
+	w->until_ms = now + (int64_t)s->cfg.external_ttl_ms;
+	pthread_mutex_unlock(&s->mu);
+}
+
+/* If id published help from here that may still wait somewhere, forget it
+ * and return a copy to announce (the caller frees it); else NULL.  Caller
+ * holds s->mu. */
+char *
+help_published_take(struct sched *s, const char *id)
+{
+	int64_t now = clock_wall_ms();
+	unsigned i;
+
+	assert_locked(s);
+	for (i = 0; i < SCHED_HELP_PUBLISHED_MAX; i++) {
+		struct withdrawn *w = &s->help_published[i];
+		char *out;
+
+		if (w->id == NULL || strcmp(w->id, id) != 0)
+			continue;
+		out = w->until_ms > now ? w->id : NULL;
+		if (out == NULL)
+			free(w->id);
+		w->id = NULL;
+		return out;
+	}
+	return NULL;
 }
 
 /* A help request (a control message without task ID): make its task and

@@ -170,7 +170,8 @@ struct help_entry {
 	uint64_t seq;
 };
 
-/* A master that said OCCAMY_HEADER_DONE, until its help requests expire. */
+/* A master that said OCCAMY_HEADER_DONE, until its help requests expire;
+ * also a master that published help from here, until the same. */
 struct withdrawn {
 	char *id;
 	int64_t until_ms;
@@ -247,6 +248,12 @@ struct sched {
 	uint64_t help_store_seq;
 	struct withdrawn withdrawn[WITHDRAWN_MAX]; /* a ring */
 	unsigned nwithdrawn_next;
+	/* Masters of help requests published from here (a ring), and who
+	 * announces their end (sched_set_withdrawal). */
+	struct withdrawn help_published[SCHED_HELP_PUBLISHED_MAX];
+	unsigned nhelp_published_next;
+	sched_announce_fn announce;
+	void *announce_ctx;
 
 	pthread_cond_t idle_cv;     /* a job finished */
 	_Atomic(struct worker *) finished_helpers; /* no lock: helpers push */
@@ -343,6 +350,7 @@ void help_store_drop(struct sched *s, struct job *j, enum sched_drop_reason why,
 void help_store_clear(struct sched *s, struct deferred *d);
 void master_withdraw(struct sched *s, const char *id, struct deferred *d);
 void withdrawn_free(struct sched *s);
+char *help_published_take(struct sched *s, const char *id);
 
 /* ---- scheduler_control.c ---- */
 void *dispatcher_main(void *arg);

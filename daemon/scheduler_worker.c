@@ -46,6 +46,9 @@ struct finish {
 	struct message *msg;    /* to settle with set, or NULL */
 	struct settlement set;
 	double seconds;         /* run time */
+	char *ended_master;     /* to announce (sched_set_withdrawal), or NULL */
+	sched_announce_fn announce;
+	void *announce_ctx;
 };
 
 /* The worker returned from run(): free the slot (or hand it to a pending
@@ -89,6 +92,13 @@ job_finish(struct sched *s, struct job *j, enum occamy_status st,
 		}
 		count_settlement(s, o);
 		j->msg = NULL;
+		/* A final outcome: the help it asked for is for nobody now. */
+		if ((o == SETTLE_ACK || o == SETTLE_DEAD_LETTER) && j->task->id != NULL &&
+		    s->announce != NULL &&
+		    (f.ended_master = help_published_take(s, j->task->id)) != NULL) {
+			f.announce = s->announce;
+			f.announce_ctx = s->announce_ctx;
+		}
 	} else if (st != OCCAMY_OK && !(j->cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
 		s->st.helper_errors++;
 	}
@@ -201,6 +211,12 @@ run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_statu
 			snprintf(reason, sizeof(reason), "%s%s%s", status_reason(st),
 				 out->message[0] ? ": " : "", out->message);
 			f.set.reason = reason;
+		}
+		/* Announced inside the settling window, so shutdown (which
+		 * waits for it) never outlives the transport it publishes on. */
+		if (f.ended_master != NULL) {
+			f.announce(f.announce_ctx, f.ended_master);
+			free(f.ended_master);
 		}
 		settle_counted(s, f.msg, &f.set);
 	} else if (st != OCCAMY_OK && !(was_cancelled && st == OCCAMY_ERR_INTERRUPTED)) {

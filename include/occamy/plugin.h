@@ -225,18 +225,22 @@ struct occamy_host {
 
 /* WITHDRAWAL: help never outlives its master.
  *  - A help request that carries the header OCCAMY_HEADER_MASTER names the
- *    task ID of the master it helps; the daemon remembers it for the
+ *    task ID of the master it helps; every daemon remembers it for the
  *    external helper made from it and for every helper that one expands.
- *  - A control message for task ID X that carries the header
- *    OCCAMY_HEADER_DONE (any value) says master X has ended.  Every daemon
- *    then drops its stored help requests whose master is X, cancels the
- *    running external helpers whose master is X, and for external_ttl_s
- *    drops help requests for X that arrive later (a help request may reach
- *    a daemon after its master finished).  The message is routed to tasks
- *    with ID X as usual.  Send it once, when the master's request is
- *    settled: not when it is cancelled and requeued, since it may restart
- *    under the same ID.  Protected assistants (from publish_request) are
- *    never cancelled by it: tell them yourself. */
+ *    Set it to your task's ID (task_info) when you publish_help: that is
+ *    all a plugin has to do.
+ *  - The daemon that published it sends, once, when the task with that ID
+ *    ends with a final outcome (its request acked with the result or dead-
+ *    lettered; not when it is requeued or retried, since it runs again), a
+ *    control message for task ID X with the header OCCAMY_HEADER_DONE.
+ *    Every daemon then drops its stored help requests whose master is X,
+ *    cancels the running external helpers whose master is X, and for
+ *    external_ttl_s drops help requests for X that arrive later (one may
+ *    reach a daemon after its master finished).  Internal helpers end with
+ *    their task anyway.  The message is also routed to tasks with ID X, as
+ *    any control message: a plugin may send it itself (any value) for a
+ *    master that is not a daemon task.  Protected assistants (from
+ *    publish_request) are never cancelled by it: tell them yourself. */
 #define OCCAMY_HEADER_MASTER "occamy-master"
 #define OCCAMY_HEADER_DONE "occamy-done"
 

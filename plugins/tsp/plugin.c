@@ -554,20 +554,19 @@ plug_publish_help(struct plug_task *t)
 	tsp_buf_free(&b);
 }
 
-/* "done" to every assistant (running ones stop at their next poll, stored
- * ones at once when they start) and, once the request is answered, the
- * daemon-level withdrawal that drops our help requests wherever they wait. */
+/* "done" to every assistant: running ones stop at their next poll, stored
+ * ones at once when they start.  Withdrawing the help request itself (every
+ * daemon dropping its stored copies and external helpers) is the daemon's
+ * job: it saw the occamy-master header on our publish_help and announces
+ * our end once the request is settled. */
 static void
-plug_send_done(struct plug_task *t, int withdraw)
+plug_send_done(struct plug_task *t)
 {
 	const struct occamy_host *host = t->host;
-	struct occamy_kv done = {OCCAMY_HEADER_DONE, "1"};
 	char dest[TSP_ID_MAX + 3];
 
 	snprintf(dest, sizeof(dest), "%s.a", t->master);
 	host->publish_control(host, dest, NULL, 0, "done", 4);
-	if (withdraw)
-		host->publish_control(host, t->master, &done, 1, "done", 4);
 }
 
 static enum occamy_status
@@ -609,7 +608,7 @@ plug_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_outp
 		/* Requeued: protected assistants must not search on for a
 		 * master that restarts elsewhere (and asks again). */
 		if (t->role == ROLE_MASTER && t->requests_sent > 0)
-			plug_send_done(t, 0);
+			plug_send_done(t);
 		tsp_search_free(s);
 		snprintf(out->message, sizeof(out->message), "cancelled");
 		return OCCAMY_ERR_INTERRUPTED;
@@ -619,7 +618,7 @@ plug_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_outp
 		/* Assistants outlive us otherwise: until the deadline. */
 		if (t->help_sent || t->requests_sent > 0 ||
 		    atomic_load_explicit(&t->has_assistants, memory_order_relaxed))
-			plug_send_done(t, t->help_sent);
+			plug_send_done(t);
 	}
 	tsp_search_free(s);
 	return OCCAMY_OK;

@@ -1872,6 +1872,94 @@ reset_counters(void **state)
 	return 0;
 }
 
+/* The daemon-level withdrawal: announced once, for a noted master only,
+ * and only at a final outcome (ack, dead letter), never a requeue or retry
+ * (the request runs again and may ask for help again). */
+struct announced {
+	pthread_mutex_t mu;
+	char ids[8][32];
+	unsigned n;
+};
+
+static void
+record_announce(void *ctx, const char *master_id)
+{
+	struct announced *a = ctx;
+
+	pthread_mutex_lock(&a->mu);
+	if (a->n < 8)
+		snprintf(a->ids[a->n], sizeof(a->ids[0]), "%s", master_id);
+	a->n++;
+	pthread_mutex_unlock(&a->mu);
+}
+
+static unsigned
+announced_count(struct announced *a)
+{
+	unsigned n;
+
+	pthread_mutex_lock(&a->mu);
+	n = a->n;
+	pthread_mutex_unlock(&a->mu);
+	return n;
+}
+
+static void
+run_one(struct sched *s, const struct recipe *r, enum settle_outcome want)
+{
+	struct fake_msg *m = msg_new(r);
+
+	sched_submit_request(s, &m->base);
+	WAIT_SETTLED(m, 2000);
+	assert_int_equal(m->outcome, want);
+	msg_free(m);
+}
+
+static void
+test_withdrawal_is_announced_once_at_a_final_outcome_of_a_noted_master(void **state)
+{
+	struct sched *s = start(2, HELPER_PRIORITY_NORMAL);
+	struct announced a = {.mu = PTHREAD_MUTEX_INITIALIZER};
+	struct recipe ok = {.mode = RUN_OK, .id = "m-ok"};
+	struct recipe retried = {.mode = RUN_STATUS, .status = OCCAMY_ERR_INTERNAL, .id = "m-again"};
+	struct recipe requeued = {.mode = RUN_STATUS, .status = OCCAMY_ERR_INTERRUPTED,
+				  .id = "m-again"};
+	struct recipe again_ok = {.mode = RUN_OK, .id = "m-again"};
+	struct recipe dead = {.mode = RUN_STATUS, .status = OCCAMY_ERR_INVALID_TASK, .id = "m-dead"};
+	struct recipe quiet = {.mode = RUN_OK, .id = "m-quiet"};
+
+	(void)state;
+	sched_set_withdrawal(s, record_announce, &a);
+	sched_note_help_published(s, "m-ok");
+	sched_note_help_published(s, "m-again");
+	sched_note_help_published(s, "m-again"); /* noted twice, announced once */
+	sched_note_help_published(s, "m-dead");
+
+	run_one(s, &quiet, SETTLE_ACK);           /* never published help */
+	run_one(s, &retried, SETTLE_RETRY);
+	run_one(s, &requeued, SETTLE_REQUEUE);
+	assert_int_equal(announced_count(&a), 0);
+
+	run_one(s, &ok, SETTLE_ACK);
+	assert_int_equal(announced_count(&a), 1);
+	assert_string_equal(a.ids[0], "m-ok");
+	run_one(s, &ok, SETTLE_ACK);              /* announced already: not again */
+	assert_int_equal(announced_count(&a), 1);
+
+	run_one(s, &again_ok, SETTLE_ACK);        /* the run after the retries */
+	run_one(s, &dead, SETTLE_DEAD_LETTER);
+	assert_int_equal(announced_count(&a), 3);
+	assert_string_equal(a.ids[1], "m-again");
+	assert_string_equal(a.ids[2], "m-dead");
+
+	/* Unset: a later end is not announced (the transport is gone). */
+	sched_note_help_published(s, "m-late");
+	sched_set_withdrawal(s, NULL, NULL);
+	run_one(s, &(struct recipe){.mode = RUN_OK, .id = "m-late"}, SETTLE_ACK);
+	assert_int_equal(announced_count(&a), 3);
+	finish(s);
+}
+
 int
 main(void)
 {
@@ -1915,6 +2003,7 @@ main(void)
 		cmocka_unit_test(test_admit_decision_waits_when_only_protected_or_cancelled_remain),
 		cmocka_unit_test_setup(test_gated_expand_does_not_delay_a_held_requests_requeue, reset_counters),
 		cmocka_unit_test(test_host_has_sees_only_fields_within_the_tables_size),
+		cmocka_unit_test_setup(test_withdrawal_is_announced_once_at_a_final_outcome_of_a_noted_master, reset_counters),
 	};
 
 	log_init(-1);
