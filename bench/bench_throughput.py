@@ -159,7 +159,8 @@ def main():
 
 FIELDS = ["rep", "kind", "slots", "prefetch", "n", "msg_per_s", "window_s", "total_s",
           "cpu_us", "broker_cpu_us", "publish_msg_per_s", "deliveries",
-          "requeued_no_room", "acks", "self_msg_per_s"]
+          "requeued_no_room", "acks", "self_msg_per_s", "syscalls_per_msg",
+          "switches_per_msg"]
 
 
 def write_csv(path, runs):
@@ -195,12 +196,16 @@ def write_md(path, runs, celery_version, png, elapsed):
              f"Runs alternate bare/occamyd (then occamyd/bare), {ARGS.reps} round(s); "
              "figures are medians" + (" (of two runs: their mean)" if ARGS.reps == 2 else "")
              + ".  CPU is the consumer process's user+system time "
-             "per message during the drain; the broker's is its `beam.smp`'s.")
+             "per message during the drain; the broker's is its `beam.smp`'s.  "
+             "Syscalls and context switches are the consumer process's (every "
+             "thread), counted by `perf stat -p` over the drain (the "
+             "`raw_syscalls:sys_enter` tracepoint and `context-switches`), per message.")
     L.append("")
     L.append("| slots | prefetch | bare msg/s | occamyd msg/s | ratio | target 0.9 "
              "| CPU µs/msg bare | CPU µs/msg occamyd | broker CPU µs/msg bare / occamyd "
+             "| syscalls/msg bare / occamyd | context switches/msg bare / occamyd "
              "| requeued \"no free slot\" per request |")
-    L.append("|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|")
+    L.append("|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|")
     ratios = {}
     for slots, prefetch in CONFIGS:
         b = select(runs, "bare", slots, prefetch, ARGS.n)
@@ -215,7 +220,13 @@ def write_md(path, runs, celery_version, png, elapsed):
                  f"{'met' if ratio and ratio >= TARGET else '**missed**'} | "
                  f"{fmt(med(b, 'cpu_us'))} | {fmt(med(o, 'cpu_us'))} | "
                  f"{fmt(med(b, 'broker_cpu_us'))} / {fmt(med(o, 'broker_cpu_us'))} | "
+                 f"{fmt(med(b, 'syscalls_per_msg'), 1)} / {fmt(med(o, 'syscalls_per_msg'), 1)} | "
+                 f"{fmt(med(b, 'switches_per_msg'), 2)} / {fmt(med(o, 'switches_per_msg'), 2)} | "
                  f"{fmt(rq / ARGS.n if rq is not None else None, 2)} |")
+    why = sorted({r["counters_why"] for r in runs if r.get("counters_why")})
+    if why:
+        L.append("")
+        L.append("Syscall and switch counts missing: " + "; ".join(why) + ".")
     L.append("")
     short = [k for k, v in ratios.items() if v is not None and v < TARGET]
     if short:

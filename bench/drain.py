@@ -130,6 +130,60 @@ def cpu_s(pid):
         return None
 
 
+class Counters:
+    """Syscalls and context switches of one process (every thread) while
+    it drains, counted by `perf stat -p` (the raw_syscalls:sys_enter
+    tracepoint and the context-switches software event), so the next change
+    to the hot path can be judged by them, not by msg/s alone.  Without
+    perf, or where the kernel refuses, the counts are None and `why` says
+    why.  The same counting runs on the bare consumer and on occamyd, so
+    its small cost per syscall hits both alike."""
+
+    EVENTS = ("raw_syscalls:sys_enter", "context-switches")
+
+    def __init__(self, pid):
+        self.why = None
+        self.proc = None
+        self.out = None
+        perf = shutil.which("perf")
+        if perf is None:
+            self.why = "perf not installed"
+            return
+        fd, self.out = tempfile.mkstemp(prefix="occamy-perf-", suffix=".csv")
+        os.close(fd)
+        self.proc = subprocess.Popen(
+            [perf, "stat", "-x,", "-e", ",".join(self.EVENTS), "-p", str(pid),
+             "-o", self.out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(self):
+        """{event: count or None}; call once."""
+        counts = {e: None for e in self.EVENTS}
+        if self.proc is None:
+            return counts
+        try:
+            self.proc.send_signal(signal.SIGINT)
+            _, err = self.proc.communicate(timeout=10)
+            with open(self.out) as f:
+                for line in f:
+                    parts = line.strip().split(",")
+                    if len(parts) > 2 and parts[2] in counts and parts[0].isdigit():
+                        counts[parts[2]] = int(parts[0])
+            if None in counts.values():
+                self.why = "perf stat: " + (err.strip().splitlines() or ["no counts"])[-1]
+        except (OSError, subprocess.SubprocessError) as e:
+            self.why = f"perf stat: {e}"
+        finally:
+            os.unlink(self.out)
+        return counts
+
+
+def per_msg(counts, n):
+    """{"syscalls": per message, "switches": per message} from Counters."""
+    sc, cs = counts["raw_syscalls:sys_enter"], counts["context-switches"]
+    return {"syscalls_per_msg": sc / n if sc is not None else None,
+            "switches_per_msg": cs / n if cs is not None else None}
+
+
 def tree_cpu_s(pid):
     """CPU seconds of pid and its live children (Celery's pool)."""
     total = cpu_s(pid) or 0.0
@@ -237,7 +291,9 @@ def run_bare(prefetch, n, broker=None, slots=None):
             st = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             if st is not None and (st.si_code != os.CLD_EXITED or st.si_status != 0):
                 raise RuntimeError("bare_consumer failed: " + proc.stderr.read())
+        counters = Counters(proc.pid)
         samples = watch(broker, queue, n, alive)
+        counts = counters.stop()
         b1 = cpu_s(bpid) if bpid else None
         # wait4 for the consumer's own CPU time (it has exited or is about
         # to: it stops after n messages).
@@ -253,7 +309,8 @@ def run_bare(prefetch, n, broker=None, slots=None):
                 "self_msg_per_s": own_report["msg_per_s"],
                 "cpu_us": (ru.ru_utime + ru.ru_stime) / n * 1e6,
                 "publish_msg_per_s": pub["msg_per_s"],
-                "broker_cpu_us": (b1 - b0) / n * 1e6 if b0 is not None else None}
+                "broker_cpu_us": (b1 - b0) / n * 1e6 if b0 is not None else None,
+                **per_msg(counts, n), "counters_why": counters.why}
     finally:
         try:
             broker.delete_queue(queue)
@@ -307,6 +364,7 @@ def run_occamy(slots, prefetch, n, broker=None, perf=None, extra=None):
                 raise RuntimeError("occamyd did not consume\n" + d.log_tail())
             time.sleep(POLL_S)
         c0, b0 = cpu_s(d.pid), (cpu_s(bpid) if bpid else None)
+        counters = Counters(d.pid) if perf is None else None
         if perf is not None:
             stop_perf = perf(d.pid)
         samples = watch(broker, names["request_queue"], n, alive)
@@ -323,6 +381,7 @@ def run_occamy(slots, prefetch, n, broker=None, perf=None, extra=None):
                 raise RuntimeError(f"only {acks:.0f} of {n} acked\n" + d.log_tail())
             time.sleep(POLL_S)
         c1, b1 = cpu_s(d.pid), (cpu_s(bpid) if bpid else None)
+        counts = counters.stop() if counters is not None else {e: None for e in Counters.EVENTS}
         if stop_perf is not None:
             stop_perf()
             stop_perf = None
@@ -338,7 +397,8 @@ def run_occamy(slots, prefetch, n, broker=None, perf=None, extra=None):
                 "broker_cpu_us": (b1 - b0) / n * 1e6 if b0 is not None else None,
                 "deliveries": m.get('occamy_deliveries_total{queue="request"}'),
                 "requeued_no_room": m.get('occamy_requeued_total{reason="no_room"}'),
-                "acks": m.get(ACK_METRIC)}
+                "acks": m.get(ACK_METRIC), **per_msg(counts, n),
+                "counters_why": counters.why if counters is not None else "profiled"}
     finally:
         if stop_perf is not None:
             stop_perf()
