@@ -353,7 +353,7 @@ stubborn helper — {verdict(idle['stubborn'])}.
 
 
 ANALYSIS = """**Why `idle` misses 2 ms at p99 here.** Traced with
-`bench/diag_idle_inversion.py` (the idle/lazy set-up under `perf record -a`
+`bench/diag/idle_inversion.py` (the idle/lazy set-up under `perf record -a`
 of sched_switch/sched_waking; runs at load 2.6–11 while this was written):
 
 1. *The floor.* The no-helpers row is itself above 2 ms at p99: the 2

@@ -237,7 +237,7 @@ def write_md(path, runs, celery_version, png, elapsed):
                  "request).  On a 2-CPU machine shared "
                  "with the broker, that CPU is taken from the broker; at prefetch 2 the "
                  "hand-offs also add latency to every ack the broker waits for.  "
-                 "`bench/PROFILE.md` has the profile and the proposed fixes.")
+                 "`bench/diag/PROFILE.md` has the profile and the proposed fixes.")
         L.append("")
     L.append("Per-run figures (msg/s, in run order):")
     L.append("")

@@ -1,5 +1,5 @@
 """bench/drain.py - shared helpers of the throughput benchmarks
-(bench_throughput.py, profile_noop.py): pre-load a durable queue with
+(bench_throughput.py, diag/profile_noop.py): pre-load a durable queue with
 persistent messages, start a consumer (the bare rabbitmq-c consumer,
 occamyd, or a Celery worker) and time how fast it drains the queue.
 

@@ -1,8 +1,8 @@
 #!/usr/bin/python3
-"""bench/diag_idle_inversion.py - why does a request wait with SCHED_IDLE
+"""bench/diag/idle_inversion.py - why does a request wait with SCHED_IDLE
 helpers?  A diagnostic, not a benchmark (bench/run does not run it).
 
-    tests/broker run /usr/bin/python3 bench/diag_idle_inversion.py [-n 300] BUILD_DIR
+    tests/broker run /usr/bin/python3 bench/diag/idle_inversion.py [-n 300] BUILD_DIR
 
 Needs root and perf (linux-perf).  Replays bench_preemption's idle/lazy
 set-up (8 slots, 8 `spin` helpers polling every 50 ms, `benchtask` "cpu 5"
@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
 
 
 def main():
