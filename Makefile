@@ -98,8 +98,8 @@ $(B)/tests/unit/%: $(B)/tests/unit/%.o $(CORE_OBJ)
 
 # The transport alone, with a fake scheduler (tests/tools/amqp_smoke.c).
 TRANSPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(wildcard daemon/transport*.c) \
-	daemon/amqp_fields.c daemon/backoff.c daemon/clock.c daemon/log.c daemon/config.c \
-	daemon/config_uri.c daemon/records.c)
+	daemon/ack_window.c daemon/amqp_fields.c daemon/backoff.c daemon/clock.c daemon/log.c \
+	daemon/config.c daemon/config_uri.c daemon/records.c)
 $(B)/tests/tools/amqp_smoke: $(B)/tests/tools/amqp_smoke.o $(TRANSPORT_OBJ)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
 

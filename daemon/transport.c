@@ -201,6 +201,7 @@ transport_run(struct transport *t)
 		outgoing_flush(t);
 		if (t->connected)
 			frames_read(t);
+		acks_flush(t);
 		if (t->stopping &&
 		    ((!t->connected && !outgoing_queued(t)) || drained(t) ||
 		     clock_now_ns() >= t->stop_deadline_ns))
@@ -495,6 +496,8 @@ transport_destroy(struct transport *t)
 		outgoing_free(o);
 	}
 	close(t->wakefd);
+	ack_window_free(&t->acks[CH_REQUEST]);
+	ack_window_free(&t->acks[CH_CONTROL]);
 	pthread_mutex_destroy(&t->lock);
 	free(t->scratch);
 	for (size_t i = 0; i < t->nnodes; i++) {

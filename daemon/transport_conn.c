@@ -76,6 +76,8 @@ connection_drop(struct transport *t, bool clean)
 	t->reconsume_ns = 0;
 	memset(t->reconsume, 0, sizeof(t->reconsume));
 	t->generation++;
+	ack_window_reset(&t->acks[CH_REQUEST]);
+	ack_window_reset(&t->acks[CH_CONTROL]);
 	pthread_mutex_lock(&t->lock);
 	t->stats.connected = false;
 	pthread_mutex_unlock(&t->lock);

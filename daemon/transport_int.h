@@ -26,6 +26,7 @@
 
 #include <amqp.h>
 
+#include "ack_window.h"
 #include "amqp_fields.h"
 #include "backoff.h"
 #include "clock.h"
@@ -216,6 +217,9 @@ struct transport {
 	unsigned frame_max;  /* negotiated */
 	void *scratch;       /* frame_max bytes, to size a header frame */
 	struct incoming in[CH_PUBLISH + 1];
+	/* Open delivery tags of CH_REQUEST and CH_CONTROL: acks decided in a
+	 * loop turn go out at its end, several as one (acks_flush). */
+	struct ack_window acks[CH_PUBLISH + 1];
 	struct pending *confirms, **confirms_tail;
 	struct delivery *deferred, **deferred_tail; /* need a publish; blocked */
 	unsigned heartbeat_ms; /* negotiated */
@@ -298,6 +302,8 @@ bool
 delivery_has(const struct delivery *d, amqp_flags_t flag, amqp_bytes_t b);
 bool
 check_status(struct transport *t, int rc, const char *what);
+void
+acks_flush(struct transport *t);
 void
 delivery_reject(struct transport *t, struct delivery *d, bool requeue);
 void

@@ -143,6 +143,8 @@ delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, bool 
 	d->base.body = d->msg.body.bytes;
 	d->base.len = d->msg.body.len;
 	d->base.arrival_ns = clock_now_ns();
+	/* Not opened (an out-of-order tag, never seen): acked alone. */
+	(void)ack_window_open(&t->acks[channel], tag);
 
 	if (d->channel == CH_REQUEST)
 		STAT_ADD(t, deliveries, 1);

@@ -108,11 +108,35 @@ check_status(struct transport *t, int rc, const char *what)
 	return false;
 }
 
-/* Returns false if the connection broke. */
+/* Returns false if the connection broke.  The ack itself goes out at the
+ * end of the loop turn (acks_flush), with those of its neighbours. */
 static bool
 delivery_ack(struct transport *t, struct delivery *d)
 {
+	if (ack_window_mark(&t->acks[d->channel], d->tag))
+		return true;
 	return check_status(t, amqp_basic_ack(t->conn, d->channel, d->tag, 0), "basic.ack");
+}
+
+/* Owner thread, once a turn: the acks decided since the last one.  A
+ * multiple ack covers only tags that are all settled (ack_window.h). */
+void
+acks_flush(struct transport *t)
+{
+	amqp_channel_t ch;
+
+	for (ch = CH_REQUEST; ch <= CH_CONTROL && t->connected; ch++) {
+		struct ack_send send[64];
+		size_t n, i;
+
+		while (t->connected &&
+		       (n = ack_window_take(&t->acks[ch], send, sizeof(send) / sizeof(send[0]))) > 0)
+			for (i = 0; i < n; i++)
+				if (!check_status(t, amqp_basic_ack(t->conn, ch, send[i].tag,
+								    send[i].multiple),
+						  "basic.ack"))
+					return;
+	}
 }
 
 /* Only for control messages (their own queue) and for the last resort of a
@@ -120,6 +144,7 @@ delivery_ack(struct transport *t, struct delivery *d)
 void
 delivery_reject(struct transport *t, struct delivery *d, bool requeue)
 {
+	ack_window_close(&t->acks[d->channel], d->tag);
 	if (!check_status(t, amqp_basic_reject(t->conn, d->channel, d->tag, requeue),
 			  "basic.reject"))
 		return;

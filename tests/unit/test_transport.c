@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ack_window.h"
 #include "amqp_fields.h"
 #include "backoff.h"
 #include "transport.h"
@@ -138,6 +139,118 @@ test_json_escape_keeps_utf8_and_replaces_what_is_not(void **state)
 	assert_string_equal(out, "a\\\"b\\\\c\\u000a\xc3\xa9\\ufffd\\ufffd\\ufffd\\ufffdz");
 }
 
+/* ---- ack_window: which acks may be sent as one ---- */
+
+static void
+test_ack_window_acks_a_settled_prefix_as_one_and_the_rest_alone(void **state)
+{
+	struct ack_window w = {0};
+	struct ack_send out[8];
+	size_t n;
+
+	(void)state;
+	for (uint64_t tag = 1; tag <= 6; tag++)
+		assert_true(ack_window_open(&w, tag));
+	assert_int_equal(ack_window_take(&w, out, 8), 0);
+	/* 1, 2, 3 settled; 4 still runs; 5 settled; 6 runs. */
+	assert_true(ack_window_mark(&w, 2));
+	assert_true(ack_window_mark(&w, 1));
+	assert_true(ack_window_mark(&w, 3));
+	assert_true(ack_window_mark(&w, 5));
+	n = ack_window_take(&w, out, 8);
+	assert_int_equal(n, 2);
+	assert_int_equal(out[0].tag, 3);
+	assert_true(out[0].multiple);
+	assert_int_equal(out[1].tag, 5);
+	assert_false(out[1].multiple); /* 4 is below it and still runs */
+	assert_int_equal(ack_window_take(&w, out, 8), 0);
+	/* 4 is rejected alone; 6 alone is one single ack. */
+	ack_window_close(&w, 4);
+	assert_true(ack_window_mark(&w, 6));
+	n = ack_window_take(&w, out, 8);
+	assert_int_equal(n, 1);
+	assert_int_equal(out[0].tag, 6);
+	assert_false(out[0].multiple);
+	assert_int_equal(w.n, 0);
+	/* Tags it never saw, or out of order, are the caller's to ack alone. */
+	assert_false(ack_window_mark(&w, 6));
+	assert_true(ack_window_open(&w, 9));
+	assert_false(ack_window_open(&w, 8));
+	ack_window_reset(&w);
+	assert_false(ack_window_mark(&w, 9));
+	assert_true(ack_window_open(&w, 1)); /* a new connection starts over */
+	ack_window_free(&w);
+}
+
+/* Random opens, marks, closes and takes against a model: no ack ever
+ * covers a tag that is open and not marked, and every marked tag is
+ * acked exactly once (by a single ack or under a multiple one). */
+static void
+test_ack_window_never_covers_a_running_tag(void **state)
+{
+	enum { TAGS = 4000 };
+	static unsigned char st[TAGS + 1]; /* 0 unseen, 1 open, 2 marked, 3 acked, 4 closed */
+	struct ack_window w = {0};
+	struct ack_send out[5];
+	uint64_t next = 1, lo = 1;
+	unsigned seed = 12345, multiples = 0, singles = 0;
+
+	(void)state;
+	memset(st, 0, sizeof(st));
+	while (next <= TAGS || w.n > 0) {
+		unsigned r = (seed = seed * 1103515245u + 12345u) >> 16;
+		/* Mostly near the oldest open tag, as a FIFO of slots would be. */
+		uint64_t span = next - lo > 8 ? 8 : next - lo, tag = span > 0 ? lo + r % span : 0;
+
+		switch (r % 5) {
+		case 0:
+		case 1:
+			if (next <= TAGS) {
+				assert_true(ack_window_open(&w, next));
+				st[next++] = 1;
+			} else if (tag && st[tag] == 1) {
+				st[tag] = 2;
+				assert_true(ack_window_mark(&w, tag));
+			}
+			break;
+		case 2:
+			if (tag && st[tag] == 1) {
+				st[tag] = 2;
+				assert_true(ack_window_mark(&w, tag));
+			}
+			break;
+		case 3:
+			if (tag && st[tag] == 1 && r % 7 == 0) {
+				st[tag] = 4;
+				ack_window_close(&w, tag);
+			}
+			break;
+		default: {
+			size_t n = ack_window_take(&w, out, 1 + r % 5);
+			for (size_t i = 0; i < n; i++) {
+				uint64_t t = out[i].tag, from = out[i].multiple ? 1 : t;
+				assert_int_equal(st[t], 2);
+				multiples += out[i].multiple;
+				singles += !out[i].multiple;
+				for (uint64_t u = from; u <= t; u++) {
+					assert_true(st[u] != 1);   /* never a running one */
+					if (st[u] == 2)
+						st[u] = 3;
+				}
+			}
+			break;
+		}
+		}
+		while (lo < next && st[lo] >= 3)
+			lo++;
+	}
+	for (uint64_t t = 1; t <= TAGS; t++)
+		assert_true(st[t] == 3 || st[t] == 4);
+	print_message("# %u multiple acks, %u single acks\n", multiples, singles);
+	assert_true(multiples > 100 && singles > 100); /* both paths ran */
+	ack_window_free(&w);
+}
+
 int
 main(void)
 {
@@ -149,6 +262,8 @@ main(void)
 		cmocka_unit_test(test_headers_flatten_gives_plugins_c_strings_and_refuses_nul_keys),
 		cmocka_unit_test(test_copy_replaces_our_headers_and_drops_delivery_count_and_user_id),
 		cmocka_unit_test(test_json_escape_keeps_utf8_and_replaces_what_is_not),
+		cmocka_unit_test(test_ack_window_acks_a_settled_prefix_as_one_and_the_rest_alone),
+		cmocka_unit_test(test_ack_window_never_covers_a_running_tag),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
