@@ -389,6 +389,7 @@ tsp_json_parse_request(struct tsp_json_request *r, const char *text, size_t len,
 	r->budget_ms = -1;
 	r->deadline_ms = -1;
 	r->min_assistants = -1;
+	r->target_length = -1;
 	if (jp_expect(&j, '{') == -1)
 		goto out;
 	if (!jp_eat(&j, '}')) {
@@ -419,6 +420,10 @@ tsp_json_parse_request(struct tsp_json_request *r, const char *text, size_t len,
 				if (jp_uint(&j, TSP_ASSISTANTS_MAX, &v) == -1)
 					goto out;
 				r->min_assistants = (int64_t)v;
+			} else if (strcmp(key, "target_length") == 0) {
+				if (jp_uint(&j, INT64_MAX, &v) == -1)
+					goto out;
+				r->target_length = (int64_t)v;
 			} else if (strcmp(key, "deadline_ms") == 0) {
 				if (jp_uint(&j, INT64_MAX, &v) == -1)
 					goto out;

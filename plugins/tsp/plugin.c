@@ -67,6 +67,7 @@ struct plug_task {
 	int64_t created_ms;
 	uint64_t spawned;              /* assistants made; task_expand only */
 	int min_assistants;            /* master: protected assistants to ask */
+	int64_t target_length;         /* master: stop at a tour this short, -1: none */
 	char from[48];                 /* assistant: "<role> <unique>", header tsp-from */
 	atomic_int has_assistants;     /* master: anybody to broadcast to? */
 	atomic_int master_done;        /* assistant: the master said "done" */
@@ -334,7 +335,8 @@ plug_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 	struct plug_task *t;
 	char master[TSP_ID_MAX + 1];
 	uint64_t budget = (uint64_t)conf->budget_ms, seed = 0, iterations = 0, v;
-	uint64_t min_assistants = (uint64_t)conf->min_assistants;
+	uint64_t min_assistants = (uint64_t)conf->min_assistants, target = 0;
+	int64_t target_length;
 	int has_seed = conf->has_seed, rc;
 
 	if (is_help) {
@@ -378,6 +380,11 @@ plug_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 		snprintf(err, errlen, "iterations must be a non-negative integer");
 		return OCCAMY_ERR_INVALID_HEADERS;
 	}
+	if ((rc = plug_header_u64(headers, "target-length", INT64_MAX, &target)) == -1) {
+		snprintf(err, errlen, "target-length must be a non-negative integer");
+		return OCCAMY_ERR_INVALID_HEADERS;
+	}
+	target_length = rc == 1 ? (int64_t)target : -1;
 	if (plug_header_u64(headers, "min-assistants", TSP_ASSISTANTS_MAX, &min_assistants) ==
 	    -1) {
 		snprintf(err, errlen, "min-assistants must be an integer 0..%d", TSP_ASSISTANTS_MAX);
@@ -398,6 +405,8 @@ plug_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 			iterations = r.iterations;
 		if (r.min_assistants >= 0)
 			min_assistants = (uint64_t)r.min_assistants;
+		if (r.target_length >= 0)
+			target_length = r.target_length;
 		/* A master's request for a protected assistant: the help
 		 * body, marked by a header. */
 		if (occamy_headers_find(headers, "tsp-assistant") != NULL)
@@ -410,6 +419,7 @@ plug_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 	t->seed = has_seed ? seed : plug_fresh();
 	t->iterations = iterations;
 	t->min_assistants = (int)min_assistants;
+	t->target_length = target_length;
 	t->deadline_ms = t->created_ms + (int64_t)budget;
 	*task = t;
 	return OCCAMY_OK;
@@ -520,6 +530,10 @@ plug_result(struct plug_task *t, const struct tsp_search *s, struct occamy_outpu
 	tsp_buf_printf(&b, ",\"min_assistants\":%d,\"assistants\":{\"protected\":%u,"
 		       "\"internal\":%u,\"external\":%u}", t->min_assistants,
 		       by_role[ROLE_PROTECTED], by_role[ROLE_INTERNAL], by_role[ROLE_EXTERNAL]);
+	if (t->target_length >= 0)
+		tsp_buf_printf(&b, ",\"target_length\":%lld", (long long)t->target_length);
+	else
+		tsp_buf_printf(&b, ",\"target_length\":null");
 	tsp_buf_printf(&b, ",\"elapsed_ms\":%lld}", (long long)(plug_wall_ms() - t->created_ms));
 	out->body = b.p;
 	out->len = b.len;
@@ -593,8 +607,12 @@ plug_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_outp
 
 	s = tsp_search_new(&t->inst, t->seed,
 			   t->role == ROLE_MASTER ? TSP_START_GREEDY : TSP_START_NN);
-	/* Nothing beats the known optimum: stop there and free the slot. */
+	/* Nothing beats the known optimum: stop there and free the slot.  A
+	 * master asked for a target length stops at the first of the two
+	 * (its elapsed_ms is then the time to the target). */
 	target = t->inst.optimum;
+	if (t->role == ROLE_MASTER && t->target_length > target)
+		target = t->target_length;
 	tsp_search_run(s, &hooks, t->iterations, target);
 	/* A tour may have arrived since the last look. */
 	plug_sync(t, s);

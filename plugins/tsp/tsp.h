@@ -125,6 +125,7 @@ struct tsp_json_request {
 	char master[TSP_ID_MAX + 1]; /* help bodies only; "" if absent */
 	int64_t deadline_ms;   /* help bodies only; -1 if absent */
 	int64_t min_assistants; /* -1: absent */
+	int64_t target_length;  /* -1: absent */
 };
 
 /* 1 if s[0..len) is a usable task ID: it goes into JSON and text bodies,

@@ -470,7 +470,7 @@ test_json_requests_parse_and_reject_hostile_bodies(void **state)
 		"{\"coords\": [[1,2,3]]}", "{\"coords\": [[1,2]],}", "{\"coords\": [[1,\"2\"]]}",
 		"{\"coords\": [[1,2]]} x", "{\"coords\": [[1,2]], \"coords\": [[1,2]]}",
 		"{\"coords\": [[1e400,2]]}", "{\"coords\": [[1,2]], \"type\": \"EXPLICIT\"}",
-		"{\"coords\": [[1,2]], \"budget_ms\": -1}", "{\"coords\": [[1,2]], \"budget_ms\": 1.5}",
+		"{\"coords\": [[1,2]], \"budget_ms\": -1}", "{\"coords\": [[1,2]], \"target_length\": -1}", "{\"coords\": [[1,2]], \"budget_ms\": 1.5}",
 		"{\"coords\": [[1,2]], \"seed\": \"12a\"}", "{\"coords\": [[1,2]], \"name\": \"\\x\"}",
 		"{\"coords\": [[1,2]], \"seed\": 99999999999999999999999}",
 		"{\"coords\": [[1,2]], \"master\": \"a b\"}",
@@ -480,7 +480,7 @@ test_json_requests_parse_and_reject_hostile_bodies(void **state)
 	const char *good = "{\"name\": \"t\\u0041\", \"x\": {\"y\": [true, null, -1.5e3, \"s\"]},"
 			   " \"coords\": [[0,0],[3,4], [ 6 , 8 ]], \"budget_ms\": 150,"
 			   " \"seed\": \"18446744073709551615\", \"iterations\": 7, \"type\": \"ATT\","
-			   " \"optimum\": 20, \"a-very-long-unknown-key-that-is-longer-than-32\": 1}";
+			   " \"optimum\": 20, \"target_length\": 25, \"a-very-long-unknown-key-that-is-longer-than-32\": 1}";
 	struct tsp_json_request r;
 	char err[256];
 	size_t k;
@@ -512,6 +512,7 @@ test_json_requests_parse_and_reject_hostile_bodies(void **state)
 	assert_true(r.has_seed && r.seed == UINT64_MAX);
 	assert_true(r.iterations == 7);
 	assert_true(r.inst.optimum == 20);
+	assert_true(r.target_length == 25);
 	assert_true(r.inst.x[2] == 6 && r.inst.y[2] == 8);
 	tsp_instance_free(&r.inst);
 }
@@ -955,6 +956,43 @@ test_plugin_is_deterministic_with_a_seed_and_iterations(void **state)
 	}
 }
 
+/* A master with target-length stops as soon as its tour is that short, far
+ * before its budget and before the optimum: elapsed_ms is the time to the
+ * target (bench/bench_fleet.py measures time-to-gap with it). */
+static void
+test_plugin_master_stops_at_its_target_length(void **state)
+{
+	struct occamy_header h[3];
+	struct runner r;
+	void *t;
+	char err[256], *text, *p;
+	size_t len;
+	long long length;
+	uint64_t started;
+
+	(void)state;
+	if ((text = slurp("pcb442.tsp", &len)) == NULL)
+		skip();
+	/* 3 % above the optimum 50778: reached in milliseconds. */
+	h[0] = str_header("budget-ms", "20000");
+	h[1] = str_header("seed", "3");
+	h[2] = str_header("target-length", "52301");
+	assert_int_equal(new_task(text, len, h, 3, 0, &t, err, sizeof(err)), OCCAMY_OK);
+	free(text);
+	started = now_ns();
+	runner_start(&r, t);
+	runner_join(&r);
+	assert_int_equal(r.status, OCCAMY_OK);
+	assert_true(r.ended_ns - started < 5000000000u * slow_factor());
+	assert_non_null(strstr(r.out.body, "\"target_length\":52301,"));
+	assert_non_null(p = strstr(r.out.body, "\"length\":"));
+	length = strtoll(p + strlen("\"length\":"), NULL, 10);
+	assert_true(length <= 52301);
+	assert_true(length > 50778);
+	free(r.out.body);
+	occamy_plugin.task_destroy(t);
+}
+
 static void
 test_plugin_rejects_hostile_requests_cleanly(void **state)
 {
@@ -978,6 +1016,9 @@ test_plugin_rejects_hostile_requests_cleanly(void **state)
 	assert_int_equal(new_task(ok, strlen(ok), &h, 1, 0, &t, err, sizeof(err)),
 			 OCCAMY_ERR_INVALID_HEADERS);
 	h = str_header("budget-ms", "soon");
+	assert_int_equal(new_task(ok, strlen(ok), &h, 1, 0, &t, err, sizeof(err)),
+			 OCCAMY_ERR_INVALID_HEADERS);
+	h = str_header("target-length", "-3");
 	assert_int_equal(new_task(ok, strlen(ok), &h, 1, 0, &t, err, sizeof(err)),
 			 OCCAMY_ERR_INVALID_HEADERS);
 	h = str_header("seed", "-1");
@@ -1065,6 +1106,8 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_plugin_help_request_makes_an_external_assistant,
 						plugin_setup, plugin_teardown),
 		cmocka_unit_test_setup_teardown(test_plugin_is_deterministic_with_a_seed_and_iterations,
+						plugin_setup, plugin_teardown),
+		cmocka_unit_test_setup_teardown(test_plugin_master_stops_at_its_target_length,
 						plugin_setup, plugin_teardown),
 		cmocka_unit_test_setup_teardown(test_plugin_rejects_hostile_requests_cleanly,
 						plugin_setup, plugin_teardown),
