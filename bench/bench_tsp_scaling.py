@@ -47,10 +47,11 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from tspbench import OPTIMA, Fleet, check_reply, load, log  # noqa: E402
 
 # Budgets (ms) chosen so that one slot usually does NOT reach the optimum:
 # the optimiser is strong (ch150 needs 0.03-0.13 s single-threaded, pcb442
@@ -60,13 +61,10 @@ ROOT = os.path.dirname(HERE)
 # for pcb442, 200 ms for pr1002): shorter budgets leave the assistants
 # hardly any exchange with their master.
 DEFAULT_BUDGETS = {"ch150": 60, "a280": 30, "pcb442": 500, "pr1002": 1000}
-OPTIMA = {"berlin52": 7542, "kroA100": 21282, "ch150": 6528, "a280": 2579,
-          "pcb442": 50778, "pr1002": 259045}
 CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x2": (2, 2), "2x2off": (2, 2)}
-# "off": the same fleet with helpers off (tsp help = no, expand = no), a
-# plain worker pool: the no-helper floor the "on" configurations are
-# measured against, as ratios, in the same run.
-OFF_OPTS = {"help": "no", "expand": "no"}
+# "off": the same fleet with helpers off (tspbench.OFF_OPTS), a plain
+# worker pool: the no-helper floor the "on" configurations are measured
+# against, as ratios, in the same run.
 
 
 def parse_args():
@@ -107,97 +105,7 @@ def parse_args():
 ARGS = parse_args()
 # The harness reads OCCAMY_BUILD when it is imported.
 os.environ["OCCAMY_BUILD"] = os.path.abspath(ARGS.build)
-sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
-from occamy_test import TSPLIB, Daemon, free_port, new_names, rpc, wait_until  # noqa: E402
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------- instances
-
-def nint(x):
-    return int(x + 0.5)
-
-
-def load(name):
-    path = os.path.join(TSPLIB, name + ".tsp")
-    with open(path, "rb") as f:
-        data = f.read()
-    coords, on = {}, False
-    for line in data.decode().splitlines():
-        line = line.strip()
-        if line.startswith("EDGE_WEIGHT_TYPE") and "EUC_2D" not in line:
-            raise SystemExit(f"{path}: only EUC_2D instances are supported here")
-        if line == "NODE_COORD_SECTION":
-            on = True
-        elif line == "EOF":
-            break
-        elif on and line:
-            i, x, y = line.split()
-            coords[int(i)] = (float(x), float(y))
-    return data, [coords[i] for i in sorted(coords)]
-
-
-def tour_length(coords, tour):
-    n = len(tour)
-    total = 0
-    for i in range(n):
-        (x1, y1), (x2, y2) = coords[tour[i]], coords[tour[(i + 1) % n]]
-        total += nint(math.hypot(x1 - x2, y1 - y2))
-    return total
-
-
-# ---------------------------------------------------------------- daemons
-
-def scrape(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    v = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            k, x = line.rsplit(" ", 1)
-            v[k] = float(x)
-    return v
-
-
-def idle(v):
-    return (v['occamy_slots{status="empty"}'] == v["occamy_slots_capacity"]
-            and v["occamy_helpers_draining"] == 0 and v["occamy_external_queue_depth"] == 0)
-
-
-class Fleet:
-    def __init__(self, ndaemons, slots, period_ms, off=False):
-        names = new_names()
-        self.ports = [free_port() for _ in range(ndaemons)]
-        self.daemons = [Daemon({"tsp": dict(OFF_OPTS) if off else {}}, names=names, slots=slots,
-                               expansion_period_ms=period_ms,
-                               metrics_listen=f"127.0.0.1:{p}") for p in self.ports]
-
-    def __enter__(self):
-        try:
-            for d in self.daemons:
-                d.start()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        for d in self.daemons:
-            try:
-                d.stop(timeout=10)
-            except AssertionError as e:
-                log(f"warning: {e}")
-            d.close()
-
-    def metrics(self):
-        return [scrape(p) for p in self.ports]
-
-    def wait_idle(self, timeout):
-        wait_until(lambda: all(idle(v) for v in self.metrics()), timeout, 0.02,
-                   "every daemon idle")
+from occamy_test import rpc  # noqa: E402
 
 
 # -------------------------------------------------------------------- run
@@ -209,11 +117,7 @@ def run_one(fleet, data, coords, opt, budget, seed):
             timeout=budget / 1000 + 60)
     wall = time.monotonic() - t0
     res = r.json()
-    tour = res["tour"]
-    if sorted(tour) != list(range(len(coords))):
-        raise SystemExit(f"seed {seed}: the reply's tour is not a permutation")
-    if tour_length(coords, tour) != res["length"]:
-        raise SystemExit(f"seed {seed}: claimed length {res['length']} is not the tour's")
+    check_reply(coords, res, f"seed {seed}")
     after = fleet.metrics()
     adm = [a["occamy_admissions_total"] - b["occamy_admissions_total"]
            for a, b in zip(after, before)]
@@ -250,12 +154,7 @@ def main():
     t_start = time.monotonic()
     os.makedirs(ARGS.out, exist_ok=True)
     base = os.path.join(ARGS.out, "tsp_scaling_smoke" if ARGS.smoke else "tsp_scaling")
-    inst = {}
-    for name in ARGS.instances:
-        path = os.path.join(TSPLIB, name + ".tsp")
-        if not os.path.exists(path):
-            raise SystemExit(f"{path} not found: the TSPLIB data set is needed")
-        inst[name] = load(name)
+    inst = {name: load(name) for name in ARGS.instances}
     seeds = [1000 + k for k in range(ARGS.seeds)]
     load_before = os.getloadavg()
     rows = []

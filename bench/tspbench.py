@@ -1,0 +1,121 @@
+"""tspbench - shared code of the TSP benchmarks (bench_tsp_scaling,
+bench_fleet): TSPLIB instances, checked replies and fleets of tsp daemons.
+Not a benchmark itself (bench/run only runs bench_*).
+
+The harness (tests/integration/occamy_test.py) reads OCCAMY_BUILD when it
+is imported, which a benchmark sets from its arguments: so it is imported
+here only by the functions that need it, and OPTIMA can check arguments
+before.
+"""
+
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests", "integration"))
+
+OPTIMA = {"berlin52": 7542, "kroA100": 21282, "ch150": 6528, "a280": 2579,
+          "pcb442": 50778, "pr1002": 259045}
+# Helpers off (tsp help = no, expand = no): the same fleet as a plain worker
+# pool, the no-helper floor that helpers on are measured against.
+OFF_OPTS = {"help": "no", "expand": "no"}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def nint(x):
+    return int(x + 0.5)
+
+
+def load(name):
+    """(TSPLIB file bytes, [(x, y), ...]) of an EUC_2D instance."""
+    from occamy_test import TSPLIB
+    path = os.path.join(TSPLIB, name + ".tsp")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: the TSPLIB data set is needed")
+    with open(path, "rb") as f:
+        data = f.read()
+    coords, on = {}, False
+    for line in data.decode().splitlines():
+        line = line.strip()
+        if line.startswith("EDGE_WEIGHT_TYPE") and "EUC_2D" not in line:
+            raise SystemExit(f"{path}: only EUC_2D instances are supported here")
+        if line == "NODE_COORD_SECTION":
+            on = True
+        elif line == "EOF":
+            break
+        elif on and line:
+            i, x, y = line.split()
+            coords[int(i)] = (float(x), float(y))
+    return data, [coords[i] for i in sorted(coords)]
+
+
+def tour_length(coords, tour):
+    n = len(tour)
+    total = 0
+    for i in range(n):
+        (x1, y1), (x2, y2) = coords[tour[i]], coords[tour[(i + 1) % n]]
+        total += nint(math.hypot(x1 - x2, y1 - y2))
+    return total
+
+
+def check_reply(coords, res, what):
+    """The reply's tour is a permutation whose length is the one claimed."""
+    tour = res["tour"]
+    if sorted(tour) != list(range(len(coords))):
+        raise SystemExit(f"{what}: the reply's tour is not a permutation")
+    if tour_length(coords, tour) != res["length"]:
+        raise SystemExit(f"{what}: claimed length {res['length']} is not the tour's")
+
+
+def idle(v):
+    return (v['occamy_slots{status="empty"}'] == v["occamy_slots_capacity"]
+            and v["occamy_helpers_draining"] == 0 and v["occamy_external_queue_depth"] == 0)
+
+
+class Fleet:
+    """ndaemons occamyd sharing their queues, slots each, the tsp plugin
+    with helpers on or off.  started(i, daemon) runs right after daemon i
+    has started (bench_fleet puts it into its CPU cgroup there)."""
+
+    def __init__(self, ndaemons, slots, period_ms=None, off=False, started=None):
+        from occamy_test import Daemon, free_port, new_names
+        names = new_names()
+        self.ports = [free_port() for _ in range(ndaemons)]
+        self.started = started
+        self.daemons = [Daemon({"tsp": dict(OFF_OPTS) if off else {}}, names=names, slots=slots,
+                               expansion_period_ms=period_ms,
+                               metrics_listen=f"127.0.0.1:{p}") for p in self.ports]
+
+    def __enter__(self):
+        try:
+            for i, d in enumerate(self.daemons):
+                d.start()
+                if self.started is not None:
+                    self.started(i, d)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for d in self.daemons:
+            try:
+                if d.running:
+                    d.stop(timeout=10)
+            except AssertionError as e:
+                log(f"warning: {e}")
+                d.kill()
+            d.close()
+
+    def metrics(self):
+        from occamy_test import scrape_metrics
+        return [scrape_metrics(p) for p in self.ports]
+
+    def wait_idle(self, timeout):
+        from occamy_test import wait_until
+        wait_until(lambda: all(idle(v) for v in self.metrics()), timeout, 0.02,
+                   "every daemon idle")
