@@ -3,6 +3,7 @@ broker, every benchmark for a few seconds, so they cannot rot between the
 full runs that produce bench/RESULTS.md."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,25 @@ def test_every_benchmark_runs_in_smoke_mode():
     ran = [l for l in out.splitlines() if l.startswith("===== bench_") and l.endswith("s =====")]
     note(*ran)
     assert p.returncode == 0, out[-4000:]
-    assert len(ran) >= 8, f"only {len(ran)} benchmarks ran:\n" + out[-4000:]
+    assert len(ran) >= 11, f"only {len(ran)} benchmarks ran:\n" + out[-4000:]
+    check_fleet_smoke(out)
+
+
+def check_fleet_smoke(out):
+    """bench_fleet either put every daemon under its CPU quota, checked the
+    replies' tours and removed its groups, or said why it could not."""
+    fleet = [line for line in out.splitlines() if line.startswith("fleet: ")]
+    note(*fleet)
+    if any(line.startswith("fleet: SKIP: ") for line in fleet):
+        return
+    groups = re.findall(r"^fleet: cgroup (/sys/fs/cgroup/cpu/occamy-bench-\S+): "
+                        r"quota 40000/100000 us, pid \d+", out, re.M)
+    assert len(groups) >= 6, "bench_fleet placed no daemon in a CPU group:\n" + "\n".join(fleet)
+    assert f"fleet: cgroups removed: {len(groups)}/{len(groups)}" in fleet, "\n".join(fleet)
+    left = [g for g in groups if os.path.exists(g)]
+    assert not left, f"CPU groups left behind: {left}"
+    checked = re.search(r"^fleet: tours checked: (\d+) valid$", out, re.M)
+    assert checked and int(checked.group(1)) >= 15, "\n".join(fleet)
 
 
 if __name__ == "__main__":
