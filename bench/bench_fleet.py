@@ -42,7 +42,6 @@ Options:
     --out DIR         output directory (default bench/out)
 """
 
-import argparse
 import contextlib
 import csv
 import os
@@ -55,7 +54,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from tspbench import OPTIMA, Fleet, check_reply, load, log  # noqa: E402
+from tspbench import OPTIMA, Fleet, arg_parser, check_reply, load, log, parse  # noqa: E402
 
 CGROUP_ROOT = "/sys/fs/cgroup/cpu"
 PERIOD_US = 100000
@@ -65,19 +64,13 @@ GAPS = (1.0, 0.5, 0.3)
 
 
 def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("build", metavar="BUILD_DIR")
-    ap.add_argument("--smoke", action="store_true")
+    ap = arg_parser(__doc__)
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--instance", default=None)
     ap.add_argument("--budget-ms", type=int, default=None)
     ap.add_argument("--servers", default=None)
     ap.add_argument("--cpu", type=float, default=0.4)
-    ap.add_argument("--out", default=os.environ.get("OCCAMY_BENCH_OUT", os.path.join(HERE, "out")))
-    a = ap.parse_args()
-    if not os.path.isdir(a.build):
-        ap.error(f"{a.build}: not a directory")
+    a = parse(ap)
     smoke = {"seeds": 1, "instance": "pcb442", "budget_ms": 1000, "servers": "1,2"}
     full = {"seeds": 5, "instance": "pr1002", "budget_ms": 3000, "servers": "1,2,4"}
     for k, v in (smoke if a.smoke else full).items():
@@ -92,8 +85,6 @@ def parse_args():
 
 
 ARGS = parse_args()
-# The harness reads OCCAMY_BUILD when it is imported.
-os.environ["OCCAMY_BUILD"] = os.path.abspath(ARGS.build)
 from occamy_test import rpc  # noqa: E402
 
 
@@ -252,7 +243,7 @@ def main():
         if ARGS.smoke:
             say(f"SKIP: {groups.reason}")
             with open(base + ".md", "w") as f:
-                f.write(f"# Fleet with real capacity\n\nSkipped: {groups.reason}.\n")
+                f.write(f"## Fleet with real capacity\n\nSkipped: {groups.reason}.\n")
             return
         say(f"WARNING: {groups.reason}: running WITHOUT CPU quotas; the figures are "
             "not those of separate servers")
@@ -361,7 +352,7 @@ def write_markdown(path, configs, rows, groups, throttle, seeds, opt, load_befor
 
     def tt(name, g):
         return time_to(by[name, f"{g}%"])[0]
-    L = ["# Fleet with real capacity: servers under CPU quotas\n"]
+    L = ["## Fleet with real capacity: servers under CPU quotas\n"]
     L.append(f"`bench/bench_fleet.py{' --smoke' if ARGS.smoke else ''}` on "
              f"{time.strftime('%Y-%m-%d %H:%M %Z')}: {os.cpu_count()} CPUs ({cpu}), "
              f"{platform.system()} {platform.release()}; 1-min load average "
@@ -387,7 +378,10 @@ def write_markdown(path, configs, rows, groups, throttle, seeds, opt, load_befor
              "`target-length` header (runs that did not reach it count as never), and how "
              "many reached it.  Gap: mean ± sd at the budget.  CPU: the fleet's CPU time "
              "(utime + stime of every daemon) over the wall time of its requests, and the "
-             "largest share one daemon got during one request.\n")
+             "largest share one daemon got during one request of at least 0.5 s (the quota is "
+             "per 100 ms period, so shorter requests can exceed it).  Throttled periods: "
+             "of all the fleet's groups over the run (the *min* requests run on the off "
+             "fleet and count with it).\n")
     g_head = " | ".join(f"to {g:g} % (s) | reached" for g in GAPS)
     L.append(f"| servers × CPU | helpers | {g_head} | gap at {budget_s:g} s (%) | fleet CPU "
              f"| max share of a daemon | throttled periods |")
@@ -408,7 +402,7 @@ def write_markdown(path, configs, rows, groups, throttle, seeds, opt, load_befor
             f"off, min_assistants = {c.min_assistants}"
         L.append(f"| {c.servers} × {ARGS.cpu:g} | {helpers} | " + " | ".join(cells)
                  + f" | {statistics.mean(gs):.3f} ± {sd:.3f} | {cores:.2f} | {share:.2f} | "
-                 + (f"{th[1]}/{th[0]}" if th else ("(as off)" if c.min_assistants else "–"))
+                 + (f"{th[1]}/{th[0]}" if th else ("with the off row" if c.min_assistants else "–"))
                  + " |")
     L.append("")
     one = min(ARGS.servers)

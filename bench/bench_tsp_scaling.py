@@ -36,7 +36,6 @@ Options:
     --out DIR              output directory (default bench/out)
 """
 
-import argparse
 import contextlib
 import csv
 import math
@@ -49,9 +48,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from tspbench import OPTIMA, Fleet, check_reply, load, log  # noqa: E402
+from tspbench import OPTIMA, Fleet, arg_parser, check_reply, load, log, parse  # noqa: E402
 
 # Budgets (ms) chosen so that one slot usually does NOT reach the optimum:
 # the optimiser is strong (ch150 needs 0.03-0.13 s single-threaded, pcb442
@@ -68,19 +66,13 @@ CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x2": (2, 2), "2x2off": (2, 2)}
 
 
 def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("build", metavar="BUILD_DIR")
-    ap.add_argument("--smoke", action="store_true")
+    ap = arg_parser(__doc__)
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--instances", default=None)
     ap.add_argument("--budget", action="append", default=[], metavar="NAME=MS")
     ap.add_argument("--configs", default="1x1,1x2,2x2,2x2off")
     ap.add_argument("--expansion-period-ms", type=int, default=50)
-    ap.add_argument("--out", default=os.environ.get("OCCAMY_BENCH_OUT", os.path.join(HERE, "out")))
-    a = ap.parse_args()
-    if not os.path.isdir(a.build):
-        ap.error(f"{a.build}: not a directory")
+    a = parse(ap)
     budgets = dict(DEFAULT_BUDGETS)
     if a.smoke:
         a.instances = a.instances or "pcb442"
@@ -103,8 +95,6 @@ def parse_args():
 
 
 ARGS = parse_args()
-# The harness reads OCCAMY_BUILD when it is imported.
-os.environ["OCCAMY_BUILD"] = os.path.abspath(ARGS.build)
 from occamy_test import rpc  # noqa: E402
 
 

@@ -1,5 +1,6 @@
 """tspbench - shared code of the TSP benchmarks (bench_tsp_scaling,
-bench_fleet): TSPLIB instances, checked replies and fleets of tsp daemons.
+bench_fleet): TSPLIB instances (with the reader of tests/integration/test_tsp.py),
+checked replies, fleets of tsp daemons and their arguments.
 Not a benchmark itself (bench/run only runs bench_*).
 
 The harness (tests/integration/occamy_test.py) reads OCCAMY_BUILD when it
@@ -8,7 +9,7 @@ here only by the functions that need it, and OPTIMA can check arguments
 before.
 """
 
-import math
+import argparse
 import os
 import sys
 
@@ -22,44 +23,39 @@ OPTIMA = {"berlin52": 7542, "kroA100": 21282, "ch150": 6528, "a280": 2579,
 OFF_OPTS = {"help": "no", "expand": "no"}
 
 
+def arg_parser(doc):
+    """The TSP benchmarks' common arguments: BUILD_DIR, --smoke, --out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("build", metavar="BUILD_DIR")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.environ.get(
+        "OCCAMY_BENCH_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")))
+    return ap
+
+
+def parse(ap):
+    """Parse, check BUILD_DIR and point the harness at it."""
+    a = ap.parse_args()
+    if not os.path.isdir(a.build):
+        ap.error(f"{a.build}: not a directory")
+    os.environ["OCCAMY_BUILD"] = os.path.abspath(a.build)
+    return a
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def nint(x):
-    return int(x + 0.5)
-
-
 def load(name):
-    """(TSPLIB file bytes, [(x, y), ...]) of an EUC_2D instance."""
-    from occamy_test import TSPLIB
-    path = os.path.join(TSPLIB, name + ".tsp")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: the TSPLIB data set is needed")
-    with open(path, "rb") as f:
-        data = f.read()
-    coords, on = {}, False
-    for line in data.decode().splitlines():
-        line = line.strip()
-        if line.startswith("EDGE_WEIGHT_TYPE") and "EUC_2D" not in line:
-            raise SystemExit(f"{path}: only EUC_2D instances are supported here")
-        if line == "NODE_COORD_SECTION":
-            on = True
-        elif line == "EOF":
-            break
-        elif on and line:
-            i, x, y = line.split()
-            coords[int(i)] = (float(x), float(y))
-    return data, [coords[i] for i in sorted(coords)]
-
-
-def tour_length(coords, tour):
-    n = len(tour)
-    total = 0
-    for i in range(n):
-        (x1, y1), (x2, y2) = coords[tour[i]], coords[tour[(i + 1) % n]]
-        total += nint(math.hypot(x1 - x2, y1 - y2))
-    return total
+    """(TSPLIB file bytes, [(x, y), ...]) of an EUC_2D instance, read as the
+    tsp integration tests read it."""
+    from occamy_test import Skip
+    from test_tsp import read_tsplib
+    try:
+        return read_tsplib(name)
+    except Skip as e:
+        raise SystemExit(f"{e}: the TSPLIB data set is needed") from None
 
 
 def check_reply(coords, res, what):
@@ -67,7 +63,8 @@ def check_reply(coords, res, what):
     tour = res["tour"]
     if sorted(tour) != list(range(len(coords))):
         raise SystemExit(f"{what}: the reply's tour is not a permutation")
-    if tour_length(coords, tour) != res["length"]:
+    from test_tsp import euc_2d_length
+    if euc_2d_length(coords, tour) != res["length"]:
         raise SystemExit(f"{what}: claimed length {res['length']} is not the tour's")
 
 
