@@ -9,7 +9,8 @@
  * reaches uri_mask (transport_check_config refuses it at start, -t and
  * reload, without echoing it); for every other one, the password as written
  * and as decoded must not be in uri_mask's output, unless it also occurs in
- * the rest of the URI (or is shorter than 4 bytes).
+ * the URI with the password replaced by the mask (or is shorter than 4
+ * bytes).
  */
 #include "amqp_harness.h"
 
@@ -67,10 +68,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		free(rest);
 		return 0;
 	}
-	/* The URI without its password: what may legitimately show.  (ci
-	 * points into parsed.) */
-	shown = xmalloc(n);
-	snprintf(shown, n, "amqp://%s:@%s", user, rest);
+	/* The URI with its password masked: what may legitimately show,
+	 * the mask included (a password such as "*@host" is in
+	 * "amqp://:***@host" without having leaked).  (ci points into
+	 * parsed.) */
+	shown = xmalloc(n + 3);
+	snprintf(shown, n + 3, "amqp://%s:***@%s", user, rest);
 	masked = uri_mask(uri);
 	leak(uri, masked, shown, pass);
 	leak(uri, masked, shown, ci.password);
