@@ -155,19 +155,44 @@ help_store_clear(struct sched *s, struct deferred *d)
 
 /* ---- withdrawal: see WITHDRAWAL in occamy/plugin.h ---- */
 
+/* The two rings of remembered masters (withdrawn ones, and those that
+ * published help from here) hold each ID at most once. */
+static struct withdrawn *
+ring_find(struct withdrawn *ring, unsigned n, const char *id)
+{
+	unsigned i;
+
+	for (i = 0; i < n; i++)
+		if (ring[i].id != NULL && strcmp(ring[i].id, id) == 0)
+			return &ring[i];
+	return NULL;
+}
+
+/* Remember id until until_ms: its entry if it has one, else the next one,
+ * forgetting the oldest. */
+static void
+ring_remember(struct withdrawn *ring, unsigned n, unsigned *next, const char *id,
+	      int64_t until_ms)
+{
+	struct withdrawn *w = ring_find(ring, n, id);
+
+	if (w == NULL) {
+		w = &ring[*next];
+		*next = (*next + 1) % n;
+		free(w->id);
+		w->id = xstrdup(id);
+	}
+	w->until_ms = until_ms;
+}
+
 /* Caller holds s->mu. */
 static bool
 master_is_withdrawn(struct sched *s, const char *id)
 {
-	int64_t now = clock_wall_ms();
-	unsigned i;
+	const struct withdrawn *w = ring_find(s->withdrawn, WITHDRAWN_MAX, id);
 
 	assert_locked(s);
-	for (i = 0; i < WITHDRAWN_MAX; i++)
-		if (s->withdrawn[i].id != NULL && s->withdrawn[i].until_ms > now &&
-		    strcmp(s->withdrawn[i].id, id) == 0)
-			return true;
-	return false;
+	return w != NULL && w->until_ms > clock_wall_ms();
 }
 
 /* Master id has ended: drop its stored help requests, stop its running
@@ -177,18 +202,13 @@ master_is_withdrawn(struct sched *s, const char *id)
 void
 master_withdraw(struct sched *s, const char *id, struct deferred *d)
 {
-	struct withdrawn *w;
 	struct job *j;
 	unsigned i, k = 0;
 
 	assert_locked(s);
-	if (!master_is_withdrawn(s, id)) {
-		w = &s->withdrawn[s->nwithdrawn_next];
-		s->nwithdrawn_next = (s->nwithdrawn_next + 1) % WITHDRAWN_MAX;
-		free(w->id);
-		w->id = xstrdup(id);
-		w->until_ms = clock_wall_ms() + (int64_t)s->cfg.external_ttl_ms;
-	}
+	if (!master_is_withdrawn(s, id))
+		ring_remember(s->withdrawn, WITHDRAWN_MAX, &s->nwithdrawn_next, id,
+			      clock_wall_ms() + (int64_t)s->cfg.external_ttl_ms);
 	for (i = 0; i < s->nhelp_store; i++) {
 		struct job *e = s->help_store[i].job;
 		if (e->master != NULL && strcmp(e->master, id) == 0)
@@ -230,26 +250,11 @@ sched_set_withdrawal(struct sched *s, sched_announce_fn announce, void *ctx)
 void
 sched_note_help_published(struct sched *s, const char *master_id)
 {
-	int64_t now = clock_wall_ms();
-	struct withdrawn *w;
-	unsigned i;
-
 	if (master_id == NULL || master_id[0] == '\0')
 		return;
 	pthread_mutex_lock(&s->mu);
-	for (i = 0; i < SCHED_HELP_PUBLISHED_MAX; i++) {
-		w = &s->help_published[i];
-		if (w->id != NULL && strcmp(w->id, master_id) == 0) {
-			w->until_ms = now + (int64_t)s->cfg.external_ttl_ms;
-			pthread_mutex_unlock(&s->mu);
-			return;
-		}
-	}
-	w = &s->help_published[s->nhelp_published_next];
-	s->nhelp_published_next = (s->nhelp_published_next + 1) % SCHED_HELP_PUBLISHED_MAX;
-	free(w->id);
-	w->id = xstrdup(master_id);
-	w->until_ms = now + (int64_t)s->cfg.external_ttl_ms;
+	ring_remember(s->help_published, SCHED_HELP_PUBLISHED_MAX, &s->nhelp_published_next,
+		      master_id, clock_wall_ms() + (int64_t)s->cfg.external_ttl_ms);
 	pthread_mutex_unlock(&s->mu);
 }
 
@@ -259,23 +264,17 @@ sched_note_help_published(struct sched *s, const char *master_id)
 char *
 help_published_take(struct sched *s, const char *id)
 {
-	int64_t now = clock_wall_ms();
-	unsigned i;
+	struct withdrawn *w = ring_find(s->help_published, SCHED_HELP_PUBLISHED_MAX, id);
+	char *out;
 
 	assert_locked(s);
-	for (i = 0; i < SCHED_HELP_PUBLISHED_MAX; i++) {
-		struct withdrawn *w = &s->help_published[i];
-		char *out;
-
-		if (w->id == NULL || strcmp(w->id, id) != 0)
-			continue;
-		out = w->until_ms > now ? w->id : NULL;
-		if (out == NULL)
-			free(w->id);
-		w->id = NULL;
-		return out;
-	}
-	return NULL;
+	if (w == NULL)
+		return NULL;
+	out = w->until_ms > clock_wall_ms() ? w->id : NULL;
+	if (out == NULL)
+		free(w->id);
+	w->id = NULL;
+	return out;
 }
 
 /* A help request (a control message without task ID): make its task and
