@@ -346,7 +346,7 @@ def test_help_is_withdrawn_when_a_master_stops_early_on_1_slot_daemons():
     # The benchmark's case: 1-slot daemons, a master that reaches the known
     # optimum in milliseconds.  Its help request waits in its own daemon's
     # store (the master fills the only slot) and starts on the other one.
-    # The master's "occamy-done" withdraws both: 100 ms after each reply
+    # The "occamy-done" its daemon sends once the reply is settled withdraws both: 100 ms after each reply
     # no slot holds a helper for it and nothing is stored, and no external
     # ever starts on the master's daemon.
     data, coords = read_tsplib("berlin52")
