@@ -61,31 +61,40 @@ struct parse {
 	size_t nerrs;
 };
 
+/* Record "FILE:LINE: PREFIXreason" ("FILE: ..." for line 0). */
+static void
+error_add(struct parse *p, int line, const char *prefix, const char *fmt,
+	  va_list ap)
+{
+	struct error *e;
+	char *reason;
+
+	if (vasprintf(&reason, fmt, ap) == -1)
+		config_out_of_memory();
+	p->errs = config_xreallocarray(p->errs, p->nerrs + 1, sizeof(*p->errs));
+	e = &p->errs[p->nerrs];
+	e->line = line;
+	e->seq = p->nerrs++;
+	if (line > 0 && asprintf(&e->msg, "%s:%d: %s%s", p->c->file, line,
+				 prefix, reason) == -1)
+		config_out_of_memory();
+	if (line <= 0 &&
+	    asprintf(&e->msg, "%s: %s%s", p->c->file, prefix, reason) == -1)
+		config_out_of_memory();
+	free(reason);
+}
+
 static void conf_error(struct parse *, int, const char *, ...)
     __attribute__((format(printf, 3, 4)));
 
 static void
 conf_error(struct parse *p, int line, const char *fmt, ...)
 {
-	struct error *e;
 	va_list ap;
-	char *reason;
 
 	va_start(ap, fmt);
-	if (vasprintf(&reason, fmt, ap) == -1)
-		config_out_of_memory();
+	error_add(p, line, "", fmt, ap);
 	va_end(ap);
-
-	p->errs = config_xreallocarray(p->errs, p->nerrs + 1, sizeof(*p->errs));
-	e = &p->errs[p->nerrs];
-	e->line = line;
-	e->seq = p->nerrs++;
-	if (line > 0 &&
-	    asprintf(&e->msg, "%s:%d: %s", p->c->file, line, reason) == -1)
-		config_out_of_memory();
-	if (line <= 0 && asprintf(&e->msg, "%s: %s", p->c->file, reason) == -1)
-		config_out_of_memory();
-	free(reason);
 }
 
 static void key_error(struct parse *, int, const char *, const char *,
@@ -97,14 +106,14 @@ key_error(struct parse *p, int line, const char *sec, const char *key,
 	  const char *fmt, ...)
 {
 	va_list ap;
-	char *reason;
+	char *prefix;
 
-	va_start(ap, fmt);
-	if (vasprintf(&reason, fmt, ap) == -1)
+	if (asprintf(&prefix, "[%s] key '%s': ", sec, key) == -1)
 		config_out_of_memory();
+	va_start(ap, fmt);
+	error_add(p, line, prefix, fmt, ap);
 	va_end(ap);
-	conf_error(p, line, "[%s] key '%s': %s", sec, key, reason);
-	free(reason);
+	free(prefix);
 }
 
 static int
