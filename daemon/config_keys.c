@@ -280,10 +280,22 @@ config_defaults(struct config *c)
 }
 
 void
+plugin_options_free(struct plugin_option *o, size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		free(o[i].key);
+		free(o[i].value);
+	}
+	free(o);
+}
+
+void
 config_free(struct config *c)
 {
 	struct plugin_config *pc;
-	size_t i, j;
+	size_t i;
 
 	if (c == NULL)
 		return;
@@ -292,11 +304,7 @@ config_free(struct config *c)
 			free(*(char **)((char *)c + keywords[i].off));
 	for (i = 0; i < c->nplugins; i++) {
 		pc = &c->plugins[i];
-		for (j = 0; j < pc->noptions; j++) {
-			free(pc->options[j].key);
-			free(pc->options[j].value);
-		}
-		free(pc->options);
+		plugin_options_free(pc->options, pc->noptions);
 		free(pc->name);
 		free(pc->path);
 	}

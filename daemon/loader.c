@@ -65,18 +65,12 @@ plugin_unref(struct plugin *p)
 static void
 plugin_free(struct plugin *p)
 {
-	size_t i;
-
 	if (p->initialised && p->desc->fini != NULL)
 		p->desc->fini(&p->host);
 	if (p->dl != NULL)
 		dlclose(p->dl);
 	atomic_fetch_sub(&p->router->live_plugins, 1);
-	for (i = 0; i < p->noptions; i++) {
-		free(p->options[i].key);
-		free(p->options[i].value);
-	}
-	free(p->options);
+	plugin_options_free(p->options, p->noptions);
 	free(p->name);
 	free(p->path);
 	free(p->header_task_id);
