@@ -90,7 +90,7 @@ $(B)/%.o: %.c $(B)/BUILD-FLAGS
 $(B)/occamyd: $(B)/daemon/main.o $(CORE_OBJ)
 	$(CC) $(ALL_LDFLAGS) -rdynamic -o $@ $^ $(LIBS)
 
-$(B)/occamyctl: $(CTL_SRC:%.c=$(B)/%.o) $(B)/daemon/config.o $(B)/daemon/config_uri.o $(B)/daemon/log.o
+$(B)/occamyctl: $(CTL_SRC:%.c=$(B)/%.o) $(B)/daemon/config.o $(B)/daemon/config_keys.o $(B)/daemon/config_uri.o $(B)/daemon/log.o
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ -lrabbitmq -linih -lm
 
 $(B)/tests/unit/%: $(B)/tests/unit/%.o $(CORE_OBJ)
@@ -99,7 +99,7 @@ $(B)/tests/unit/%: $(B)/tests/unit/%.o $(CORE_OBJ)
 # The transport alone, with a fake scheduler (tests/tools/amqp_smoke.c).
 TRANSPORT_OBJ := $(patsubst %.c,$(B)/%.o,$(wildcard daemon/transport*.c) \
 	daemon/ack_window.c daemon/amqp_fields.c daemon/backoff.c daemon/clock.c daemon/log.c \
-	daemon/config.c daemon/config_uri.c daemon/records.c)
+	daemon/config.c daemon/config_keys.c daemon/config_uri.c daemon/records.c)
 $(B)/tests/tools/amqp_smoke: $(B)/tests/tools/amqp_smoke.o $(TRANSPORT_OBJ)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS)
 

@@ -1,6 +1,9 @@
 /*
- * config.c - owns occamy.ini: the keyword table, the defaults, and turning
- * inih's callbacks into a struct config or a list of "FILE:LINE:" errors.
+ * config.c - reading occamy.ini: inih's line reader and our mirror of its
+ * rules, sections and [plugin NAME] keys, the rules that span keys, and
+ * the "FILE:LINE:" error list of config_load().  The keyword table and the
+ * defaults are in config_keys.c.  Run by whichever thread loads a config
+ * (the daemon's main thread, occamyctl).
  */
 #include <ctype.h>
 #include <errno.h>
@@ -9,112 +12,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <unistd.h>
 
 #include <ini.h>
 
 #include "config.h"
-
-#ifndef OCCAMY_PLUGIN_DIR
-#define OCCAMY_PLUGIN_DIR "/usr/local/lib/occamy/plugins"
-#endif
-
-#define nitems(a) (sizeof(a) / sizeof((a)[0]))
-
-enum section {
-	SEC_NONE,    /* before the first header */
-	SEC_SERVER,
-	SEC_AMQP,
-	SEC_METRICS,
-	SEC_PLUGIN,
-	SEC_IGNORED, /* a bad header: already reported, skip its keys */
-};
+#include "config_keys.h"
 
 static const char *const section_names[] = {
 	[SEC_SERVER] = "server",
 	[SEC_AMQP] = "amqp",
 	[SEC_METRICS] = "metrics",
 };
-
-enum key_type {
-	K_UINT,
-	K_BOOL,
-	K_STR,
-	K_ENUM,
-	K_URI,    /* amqp:// or amqps:// */
-	K_LISTEN, /* "" or HOST:PORT */
-};
-
-struct keyword {
-	enum section sec;
-	const char *name;
-	enum key_type type;
-	size_t off;
-	unsigned long min, max;       /* K_UINT */
-	const char *def;              /* parsed like a value; NULL: see defaults */
-	const char *const *choices;   /* K_ENUM */
-	bool nonempty;                /* K_STR */
-};
-
-static const char *const priorities[] = {"idle", "normal", NULL};
-static const char *const queue_types[] = {"classic", "quorum", NULL};
-
-#define F(field) offsetof(struct config, field)
-#define UINT(s, n, lo, hi, d) {s, #n, K_UINT, F(n), lo, hi, d, NULL, false}
-#define BOOL(s, n, d) {s, #n, K_BOOL, F(n), 0, 0, d, NULL, false}
-#define STR(s, n, d, ne) {s, #n, K_STR, F(n), 0, 0, d, NULL, ne}
-#define ENUM(s, n, d, c) {s, #n, K_ENUM, F(n), 0, 0, d, c, false}
-
-static const struct keyword keywords[] = {
-	/* slots has no static default (online CPUs) */
-	UINT(SEC_SERVER, slots, 1, 1024, NULL),
-	UINT(SEC_SERVER, expansion_period_ms, 1, 3600000, "1000"),
-	/* and less than slots: config_check() */
-	UINT(SEC_SERVER, expansion_slot_buffer, 0, 1023, "0"),
-	UINT(SEC_SERVER, kill_timeout_ms, 1, 600000, "1000"),
-	UINT(SEC_SERVER, shutdown_grace_s, 0, 86400, "30"),
-	STR(SEC_SERVER, header_task_id, "task-id", true),
-	STR(SEC_SERVER, header_handler, "handler", true),
-	STR(SEC_SERVER, default_handler, "", false),
-	UINT(SEC_SERVER, external_queue_max, 0, 1000000, "1024"),
-	UINT(SEC_SERVER, external_ttl_s, 1, 86400, "60"),
-	STR(SEC_SERVER, plugin_dir, OCCAMY_PLUGIN_DIR, true),
-	ENUM(SEC_SERVER, helper_priority, "idle", priorities),
-	STR(SEC_SERVER, state_dir, "/var/lib/occamy", true),
-	UINT(SEC_SERVER, crash_limit, 0, 100, "2"),
-
-	{SEC_AMQP, "uri", K_URI, F(uri), 0, 0, "amqp://guest@127.0.0.1:5672/", NULL, false},
-	STR(SEC_AMQP, password_file, "", false),
-	UINT(SEC_AMQP, heartbeat_s, 0, 3600, "30"),
-	STR(SEC_AMQP, tls_ca, "", false),
-	STR(SEC_AMQP, tls_cert, "", false),
-	STR(SEC_AMQP, tls_key, "", false),
-	BOOL(SEC_AMQP, tls_verify_peer, "yes"),
-	BOOL(SEC_AMQP, tls_verify_hostname, "yes"),
-	STR(SEC_AMQP, request_queue, "occamy.requests", true),
-	STR(SEC_AMQP, request_exchange, "occamy.requests", true),
-	STR(SEC_AMQP, control_exchange, "occamy.control", true),
-	STR(SEC_AMQP, dead_letter_exchange, "occamy.dead", true),
-	STR(SEC_AMQP, dead_letter_queue, "occamy.dead", true),
-	ENUM(SEC_AMQP, queue_type, "classic", queue_types),
-	UINT(SEC_AMQP, prefetch, 0, 65535, "0"),
-	UINT(SEC_AMQP, delivery_limit, 0, 1000, "5"),
-	UINT(SEC_AMQP, retry_delay_ms, 0, 3600000, "1000"),
-	/* and at least retry_delay_ms: config_check() */
-	UINT(SEC_AMQP, retry_delay_max_ms, 1, 86400000, "60000"),
-
-	/* [metrics] keys drop the metrics_ prefix of their fields */
-	{SEC_METRICS, "listen", K_LISTEN, F(metrics_listen), 0, 0, "", NULL, false},
-	{SEC_METRICS, "window", K_UINT, F(metrics_window), 1, 1000, "10", NULL, false},
-	{SEC_METRICS, "sample_s", K_UINT, F(metrics_sample_s), 1, 3600, "10", NULL, false},
-};
-
-#undef F
-#undef UINT
-#undef BOOL
-#undef STR
-#undef ENUM
 
 /* What the reader made of the line inih is about to process. */
 enum line_kind {
@@ -147,38 +55,33 @@ struct parse {
 	size_t plugin;       /* index into c->plugins when sec == SEC_PLUGIN */
 	int *path_lines;     /* per plugin: line of its path key, 0 if none */
 	int section_lines[nitems(section_names)];
-	int key_lines[nitems(keywords)];
+	int *key_lines;       /* per keyword: line that set it, 0 if none */
 
 	struct error *errs;
 	size_t nerrs;
 };
 
-static _Noreturn void
-out_of_memory(void)
+/* Record "FILE:LINE: PREFIXreason" ("FILE: ..." for line 0). */
+static void
+error_add(struct parse *p, int line, const char *prefix, const char *fmt,
+	  va_list ap)
 {
-	fputs("occamyd: config: out of memory\n", stderr);
-	abort();
-}
+	struct error *e;
+	char *reason;
 
-static void *
-xreallocarray(void *p, size_t n, size_t size)
-{
-	if (size != 0 && n > SIZE_MAX / size)
-		out_of_memory();
-	p = realloc(p, n * size);
-	if (p == NULL && n * size != 0)
-		out_of_memory();
-	return p;
-}
-
-static char *
-xstrdup(const char *s)
-{
-	char *d = strdup(s);
-
-	if (d == NULL)
-		out_of_memory();
-	return d;
+	if (vasprintf(&reason, fmt, ap) == -1)
+		config_out_of_memory();
+	p->errs = config_xreallocarray(p->errs, p->nerrs + 1, sizeof(*p->errs));
+	e = &p->errs[p->nerrs];
+	e->line = line;
+	e->seq = p->nerrs++;
+	if (line > 0 && asprintf(&e->msg, "%s:%d: %s%s", p->c->file, line,
+				 prefix, reason) == -1)
+		config_out_of_memory();
+	if (line <= 0 &&
+	    asprintf(&e->msg, "%s: %s%s", p->c->file, prefix, reason) == -1)
+		config_out_of_memory();
+	free(reason);
 }
 
 static void conf_error(struct parse *, int, const char *, ...)
@@ -187,25 +90,11 @@ static void conf_error(struct parse *, int, const char *, ...)
 static void
 conf_error(struct parse *p, int line, const char *fmt, ...)
 {
-	struct error *e;
 	va_list ap;
-	char *reason;
 
 	va_start(ap, fmt);
-	if (vasprintf(&reason, fmt, ap) == -1)
-		out_of_memory();
+	error_add(p, line, "", fmt, ap);
 	va_end(ap);
-
-	p->errs = xreallocarray(p->errs, p->nerrs + 1, sizeof(*p->errs));
-	e = &p->errs[p->nerrs];
-	e->line = line;
-	e->seq = p->nerrs++;
-	if (line > 0 &&
-	    asprintf(&e->msg, "%s:%d: %s", p->c->file, line, reason) == -1)
-		out_of_memory();
-	if (line <= 0 && asprintf(&e->msg, "%s: %s", p->c->file, reason) == -1)
-		out_of_memory();
-	free(reason);
 }
 
 static void key_error(struct parse *, int, const char *, const char *,
@@ -217,193 +106,14 @@ key_error(struct parse *p, int line, const char *sec, const char *key,
 	  const char *fmt, ...)
 {
 	va_list ap;
-	char *reason;
+	char *prefix;
 
+	if (asprintf(&prefix, "[%s] key '%s': ", sec, key) == -1)
+		config_out_of_memory();
 	va_start(ap, fmt);
-	if (vasprintf(&reason, fmt, ap) == -1)
-		out_of_memory();
+	error_add(p, line, prefix, fmt, ap);
 	va_end(ap);
-	conf_error(p, line, "[%s] key '%s': %s", sec, key, reason);
-	free(reason);
-}
-
-static const struct keyword *
-keyword_find(enum section sec, const char *name)
-{
-	size_t i;
-
-	for (i = 0; i < nitems(keywords); i++)
-		if (keywords[i].sec == sec && strcmp(keywords[i].name, name) == 0)
-			return &keywords[i];
-	return NULL;
-}
-
-static int
-parse_uint(const char *v, unsigned long min, unsigned long max,
-	   unsigned long *out, char *why, size_t whylen)
-{
-	unsigned long n;
-	char *end;
-
-	/* strtoul would accept blanks, a sign, and wrap "-1" around */
-	if (v[0] == '-') {
-		snprintf(why, whylen, "'%s' is negative; expected %lu..%lu",
-			 v, min, max);
-		return -1;
-	}
-	if (!isdigit((unsigned char)v[0])) {
-		snprintf(why, whylen, "'%s' is not a decimal integer", v);
-		return -1;
-	}
-	errno = 0;
-	n = strtoul(v, &end, 10);
-	if (*end != '\0') {
-		snprintf(why, whylen, "'%s' is not a decimal integer", v);
-		return -1;
-	}
-	if (errno == ERANGE || n < min || n > max) {
-		snprintf(why, whylen, "%s is out of range %lu..%lu", v, min,
-			 max);
-		return -1;
-	}
-	*out = n;
-	return 0;
-}
-
-static int
-parse_bool(const char *v, bool *out)
-{
-	static const char *const yes[] = {"yes", "true", "on", "1"};
-	static const char *const no[] = {"no", "false", "off", "0"};
-	size_t i;
-
-	for (i = 0; i < nitems(yes); i++) {
-		if (strcasecmp(v, yes[i]) == 0) {
-			*out = true;
-			return 0;
-		}
-		if (strcasecmp(v, no[i]) == 0) {
-			*out = false;
-			return 0;
-		}
-	}
-	return -1;
-}
-
-/* HOST:PORT, HOST non-empty ([...] for IPv6), PORT 1..65535. */
-static int
-listen_valid(const char *v)
-{
-	const char *colon = strrchr(v, ':');
-	size_t hostlen, i;
-	unsigned long port;
-	char why[8];
-
-	if (colon == NULL || colon == v)
-		return 0;
-	for (i = 0; v[i] != '\0'; i++)
-		if (isspace((unsigned char)v[i]))
-			return 0;
-	hostlen = (size_t)(colon - v);
-	if (v[0] == '[') {
-		if (hostlen < 3 || colon[-1] != ']')
-			return 0;
-	} else if (memchr(v, ':', hostlen) != NULL)
-		return 0; /* bare IPv6: ambiguous */
-	if (strlen(colon + 1) > 5)
-		return 0;
-	return parse_uint(colon + 1, 1, 65535, &port, why, sizeof(why)) == 0;
-}
-
-static void
-set_string(char **field, const char *v)
-{
-	free(*field);
-	*field = xstrdup(v);
-}
-
-/* Parse v into the field of k.  Returns 0, or -1 with a reason in why. */
-static int
-keyword_set(const struct keyword *k, struct config *c, const char *v,
-	    char *why, size_t whylen)
-{
-	void *field = (char *)c + k->off;
-	unsigned long n;
-	size_t i;
-	bool b;
-
-	switch (k->type) {
-	case K_UINT:
-		if (parse_uint(v, k->min, k->max, &n, why, whylen) == -1)
-			return -1;
-		*(unsigned *)field = (unsigned)n;
-		return 0;
-	case K_BOOL:
-		if (parse_bool(v, &b) == -1) {
-			snprintf(why, whylen,
-				 "'%s' is not a boolean (yes/no, true/false, "
-				 "on/off, 1/0)", v);
-			return -1;
-		}
-		*(bool *)field = b;
-		return 0;
-	case K_STR:
-		if (k->nonempty && *v == '\0') {
-			snprintf(why, whylen, "must not be empty");
-			return -1;
-		}
-		break;
-	case K_ENUM:
-		for (i = 0; k->choices[i] != NULL; i++)
-			if (strcmp(v, k->choices[i]) == 0)
-				break;
-		if (k->choices[i] == NULL) {
-			snprintf(why, whylen, "'%s' is not one of: %s, %s", v,
-				 k->choices[0], k->choices[1]);
-			return -1;
-		}
-		break;
-	case K_URI:
-		/* Never echoes the value: it may hold the password. */
-		if (config_uri_check(v, why, whylen) == -1)
-			return -1;
-		break;
-	case K_LISTEN:
-		if (*v != '\0' && !listen_valid(v)) {
-			snprintf(why, whylen,
-				 "'%s' is not HOST:PORT (port 1..65535), "
-				 "or empty for off", v);
-			return -1;
-		}
-		break;
-	}
-	set_string(field, v);
-	return 0;
-}
-
-static void
-config_defaults(struct config *c)
-{
-	char why[256];
-	long ncpu;
-	size_t i;
-
-	for (i = 0; i < nitems(keywords); i++) {
-		if (keywords[i].def == NULL)
-			continue;
-		if (keyword_set(&keywords[i], c, keywords[i].def, why,
-				sizeof(why)) == -1) {
-			fprintf(stderr, "occamyd: config: default of %s: %s\n",
-				keywords[i].name, why);
-			abort();
-		}
-	}
-	ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-	if (ncpu < 1)
-		ncpu = 1;
-	if (ncpu > 1024)
-		ncpu = 1024;
-	c->slots = (unsigned)ncpu;
+	free(prefix);
 }
 
 static int
@@ -438,13 +148,13 @@ plugin_section(struct parse *p, const char *name)
 			return;
 		}
 	}
-	c->plugins = xreallocarray(c->plugins, c->nplugins + 1,
+	c->plugins = config_xreallocarray(c->plugins, c->nplugins + 1,
 				   sizeof(*c->plugins));
-	p->path_lines = xreallocarray(p->path_lines, c->nplugins + 1,
+	p->path_lines = config_xreallocarray(p->path_lines, c->nplugins + 1,
 				      sizeof(*p->path_lines));
 	pc = &c->plugins[c->nplugins];
 	memset(pc, 0, sizeof(*pc));
-	pc->name = xstrdup(name);
+	pc->name = config_xstrdup(name);
 	pc->line = p->lineno;
 	p->path_lines[c->nplugins] = 0;
 	p->plugin = c->nplugins++;
@@ -458,7 +168,7 @@ section_begin(struct parse *p, const char *name)
 	size_t i;
 
 	free(p->secname);
-	p->secname = xstrdup(name);
+	p->secname = config_xstrdup(name);
 	p->sec = SEC_IGNORED;
 
 	if (strncmp(name, "plugin", 6) == 0 &&
@@ -627,7 +337,7 @@ plugin_key(struct parse *p, const char *name, const char *value)
 				  "must not be empty");
 			return 0;
 		}
-		set_string(&pc->path, value);
+		config_set_string(&pc->path, value);
 		return 1;
 	}
 	for (i = 0; i < pc->noptions; i++) {
@@ -638,11 +348,11 @@ plugin_key(struct parse *p, const char *name, const char *value)
 			return 0;
 		}
 	}
-	pc->options = xreallocarray(pc->options, pc->noptions + 1,
+	pc->options = config_xreallocarray(pc->options, pc->noptions + 1,
 				    sizeof(*pc->options));
 	o = &pc->options[pc->noptions++];
-	o->key = xstrdup(name);
-	o->value = xstrdup(value);
+	o->key = config_xstrdup(name);
+	o->value = config_xstrdup(value);
 	o->line = p->lineno;
 	return 1;
 }
@@ -685,7 +395,7 @@ conf_handler(void *user, const char *section, const char *name,
 		key_error(p, p->lineno, p->secname, name, "unknown key");
 		return 0;
 	}
-	idx = (size_t)(k - keywords);
+	idx = keyword_index(k);
 	if (p->key_lines[idx] != 0) {
 		key_error(p, p->lineno, p->secname, name,
 			  "duplicate key (first set on line %d)",
@@ -703,7 +413,7 @@ conf_handler(void *user, const char *section, const char *name,
 static int
 key_line(const struct parse *p, enum section sec, const char *name)
 {
-	return p->key_lines[keyword_find(sec, name) - keywords];
+	return p->key_lines[keyword_index(keyword_find(sec, name))];
 }
 
 /* Rules that span keys, once the whole file is read. */
@@ -785,6 +495,7 @@ parse_free(struct parse *p)
 	free(p->buf);
 	free(p->secname);
 	free(p->path_lines);
+	free(p->key_lines);
 }
 
 int
@@ -797,7 +508,7 @@ config_load(const char *path, struct config *out, char *errbuf, size_t errlen)
 	memset(&p, 0, sizeof(p));
 	if (errlen > 0)
 		errbuf[0] = '\0';
-	out->file = xstrdup(path);
+	out->file = config_xstrdup(path);
 	config_defaults(out);
 	p.c = out;
 
@@ -807,10 +518,13 @@ config_load(const char *path, struct config *out, char *errbuf, size_t errlen)
 		config_free(out);
 		return -1;
 	}
+	p.key_lines = config_xreallocarray(NULL, keyword_count(),
+					   sizeof(*p.key_lines));
+	memset(p.key_lines, 0, keyword_count() * sizeof(*p.key_lines));
 	rc = ini_parse_stream(conf_read_line, &p, conf_handler, &p);
 	fclose(p.fp);
 	if (rc == -2)
-		out_of_memory();
+		config_out_of_memory();
 	if (p.read_errno != 0)
 		conf_error(&p, 0, "cannot read: %s", strerror(p.read_errno));
 	else if (rc != 0 && p.nerrs == 0)
@@ -825,30 +539,4 @@ config_load(const char *path, struct config *out, char *errbuf, size_t errlen)
 	if (ret == -1)
 		config_free(out);
 	return ret;
-}
-
-void
-config_free(struct config *c)
-{
-	struct plugin_config *pc;
-	size_t i, j;
-
-	if (c == NULL)
-		return;
-	for (i = 0; i < nitems(keywords); i++)
-		if (keywords[i].type != K_UINT && keywords[i].type != K_BOOL)
-			free(*(char **)((char *)c + keywords[i].off));
-	for (i = 0; i < c->nplugins; i++) {
-		pc = &c->plugins[i];
-		for (j = 0; j < pc->noptions; j++) {
-			free(pc->options[j].key);
-			free(pc->options[j].value);
-		}
-		free(pc->options);
-		free(pc->name);
-		free(pc->path);
-	}
-	free(c->plugins);
-	free(c->file);
-	memset(c, 0, sizeof(*c));
 }

@@ -84,6 +84,9 @@ struct config {
  * sample_s; every other key is named like its field. */
 int config_load(const char *path, struct config *out, char *errbuf, size_t errlen);
 void config_free(struct config *c);
+/* Free n options, their keys and values, and the array (which may be
+ * NULL if n is 0). */
+void plugin_options_free(struct plugin_option *o, size_t n);
 
 /* [amqp] uri holds one or more URIs separated by whitespace (one per node
  * of a cluster); config_load() has checked that each parses.  How many: */

@@ -102,51 +102,33 @@ log_with_errno(int priority, int saved, const char *fmt, va_list ap)
 	log_msg(priority, "%s: %s", buf, strerror(saved));
 }
 
-void
-log_warn(const char *fmt, ...)
-{
-	int saved = errno;
-	va_list ap;
-
-	va_start(ap, fmt);
-	log_with_errno(LOG_WARNING, saved, fmt, ap);
-	va_end(ap);
-}
-
-#define LOG_VERB(name, prio)                                                   \
+/* The verbs, OpenBSD's four and two more levels: the x-less ones append
+ * strerror(errno) as it was on entry; the fatal ones then exit. */
+#define LOG_VERB(name, prio, then)                                             \
 	void name(const char *fmt, ...)                                        \
 	{                                                                      \
 		va_list ap;                                                    \
 		va_start(ap, fmt);                                             \
 		log_emit(prio, fmt, ap);                                       \
 		va_end(ap);                                                    \
+		then;                                                          \
 	}
-LOG_VERB(log_warnx, LOG_WARNING)
-LOG_VERB(log_info, LOG_INFO)
-LOG_VERB(log_debug, LOG_DEBUG)
-
-void
-fatal(const char *fmt, ...)
-{
-	int saved = errno;
-	va_list ap;
-
-	va_start(ap, fmt);
-	log_with_errno(LOG_CRIT, saved, fmt, ap);
-	va_end(ap);
-	exit(1);
-}
-
-void
-fatalx(const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	log_emit(LOG_CRIT, fmt, ap);
-	va_end(ap);
-	exit(1);
-}
+#define LOG_VERB_ERRNO(name, prio, then)                                       \
+	void name(const char *fmt, ...)                                        \
+	{                                                                      \
+		int saved = errno;                                             \
+		va_list ap;                                                    \
+		va_start(ap, fmt);                                             \
+		log_with_errno(prio, saved, fmt, ap);                          \
+		va_end(ap);                                                    \
+		then;                                                          \
+	}
+LOG_VERB_ERRNO(log_warn, LOG_WARNING, )
+LOG_VERB(log_warnx, LOG_WARNING, )
+LOG_VERB(log_info, LOG_INFO, )
+LOG_VERB(log_debug, LOG_DEBUG, )
+LOG_VERB_ERRNO(fatal, LOG_CRIT, exit(1))
+LOG_VERB(fatalx, LOG_CRIT, exit(1))
 
 void *
 xmalloc(size_t n)

@@ -257,6 +257,29 @@ render_histogram(FILE *out, const char *name, const char *labels,
 		labels[0] ? "}" : "", (unsigned long long)count);
 }
 
+/* One sample per label of a family: NAME{KEY="LABEL"} VALUE. */
+struct labelled {
+	const char *label;
+	uint64_t value;
+};
+
+static void
+render_labelled(FILE *out, const char *name, const char *key, const struct labelled *v,
+		size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		fprintf(out, "%s{%s=\"%s\"} %llu\n", name, key, v[i].label,
+			(unsigned long long)v[i].value);
+}
+
+#define LABELLED(out, name, key, ...)                                          \
+	do {                                                                   \
+		const struct labelled l_[] = {__VA_ARGS__};                    \
+		render_labelled(out, name, key, l_, sizeof(l_) / sizeof(l_[0])); \
+	} while (0)
+
 static void
 label_escape(char *dst, size_t len, const char *src)
 {
@@ -320,20 +343,17 @@ metrics_render(struct metrics *m, FILE *out)
 	HELP("occamy_preemptions_total", "counter", "Helpers cancelled to admit a request.");
 	fprintf(out, "occamy_preemptions_total %llu\n", (unsigned long long)st.preemptions);
 	HELP("occamy_requeued_total", "counter", "Requests requeued without running, by reason.");
-	fprintf(out, "occamy_requeued_total{reason=\"no_room\"} %llu\n",
-		(unsigned long long)st.requeued_no_room);
-	fprintf(out, "occamy_requeued_total{reason=\"kill_timeout\"} %llu\n",
-		(unsigned long long)st.requeued_kill_timeout);
+	LABELLED(out, "occamy_requeued_total", "reason", {"no_room", st.requeued_no_room},
+		 {"kill_timeout", st.requeued_kill_timeout});
 	HELP("occamy_admission_latency_seconds", "histogram",
 	     "Request arrival to its protected task running.");
 	render_histogram(out, "occamy_admission_latency_seconds", "",
 			 st.admit_latency_buckets, sched_latency_bounds_s,
 			 SCHED_LATENCY_BUCKETS, st.admit_latency_sum_s, st.admit_latency_count);
 	HELP("occamy_helpers_started_total", "counter", "Helper tasks started, by kind.");
-	fprintf(out, "occamy_helpers_started_total{kind=\"internal\"} %llu\n",
-		(unsigned long long)st.expansions[SLOT_INTERNAL]);
-	fprintf(out, "occamy_helpers_started_total{kind=\"external\"} %llu\n",
-		(unsigned long long)st.expansions[SLOT_EXTERNAL]);
+	LABELLED(out, "occamy_helpers_started_total", "kind",
+		 {"internal", st.expansions[SLOT_INTERNAL]},
+		 {"external", st.expansions[SLOT_EXTERNAL]});
 	HELP("occamy_external_queue_depth", "gauge", "Stored help requests.");
 	fprintf(out, "occamy_external_queue_depth %u\n", st.external_queued);
 	HELP("occamy_external_dropped_total", "counter", "Help requests dropped, by reason.");
@@ -341,21 +361,12 @@ metrics_render(struct metrics *m, FILE *out)
 		fprintf(out, "occamy_external_dropped_total{reason=\"%s\"} %llu\n", drop_label[i],
 			(unsigned long long)st.external_drops[i]);
 	HELP("occamy_errors_total", "counter", "Errors, by kind.");
-	fprintf(out, "occamy_errors_total{kind=\"make_task\"} %llu\n",
-		(unsigned long long)st.make_task_errors);
-	fprintf(out, "occamy_errors_total{kind=\"helper\"} %llu\n",
-		(unsigned long long)st.helper_errors);
-	fprintf(out, "occamy_errors_total{kind=\"publish\"} %llu\n",
-		(unsigned long long)ts.publish_failures);
+	LABELLED(out, "occamy_errors_total", "kind", {"make_task", st.make_task_errors},
+		 {"helper", st.helper_errors}, {"publish", ts.publish_failures});
 	HELP("occamy_control_messages_total", "counter", "Control messages with a task ID, by result.");
-	fprintf(out, "occamy_control_messages_total{result=\"routed\"} %llu\n",
-		(unsigned long long)st.control_routed);
-	fprintf(out, "occamy_control_messages_total{result=\"unmatched\"} %llu\n",
-		(unsigned long long)st.control_unmatched);
-	fprintf(out, "occamy_control_messages_total{result=\"invalid\"} %llu\n",
-		(unsigned long long)st.control_invalid);
-	fprintf(out, "occamy_control_messages_total{result=\"dropped\"} %llu\n",
-		(unsigned long long)st.control_dropped);
+	LABELLED(out, "occamy_control_messages_total", "result", {"routed", st.control_routed},
+		 {"unmatched", st.control_unmatched}, {"invalid", st.control_invalid},
+		 {"dropped", st.control_dropped});
 
 	HELP("occamy_task_duration_seconds", "histogram", "Task run time, by group and slot status.");
 	pthread_mutex_lock(&m->mu);
@@ -394,20 +405,16 @@ metrics_render(struct metrics *m, FILE *out)
 	HELP("occamy_broker_reconnects_total", "counter", "Reconnections after a lost connection.");
 	fprintf(out, "occamy_broker_reconnects_total %llu\n", (unsigned long long)ts.reconnects);
 	HELP("occamy_deliveries_total", "counter", "Messages received, by queue.");
-	fprintf(out, "occamy_deliveries_total{queue=\"request\"} %llu\n",
-		(unsigned long long)ts.deliveries);
-	fprintf(out, "occamy_deliveries_total{queue=\"control\"} %llu\n",
-		(unsigned long long)ts.control_deliveries);
+	LABELLED(out, "occamy_deliveries_total", "queue", {"request", ts.deliveries},
+		 {"control", ts.control_deliveries});
 	HELP("occamy_replies_total", "counter", "Results published to reply_to and confirmed.");
 	fprintf(out, "occamy_replies_total %llu\n", (unsigned long long)ts.replies);
 	HELP("occamy_publishes_total", "counter", "Plugin publishes confirmed by the broker.");
 	fprintf(out, "occamy_publishes_total %llu\n", (unsigned long long)ts.publishes);
 	HELP("occamy_replies_failed_total", "counter",
 	     "Replies that could not be delivered, by reason; their results were dead-lettered.");
-	fprintf(out, "occamy_replies_failed_total{reason=\"unroutable\"} %llu\n",
-		(unsigned long long)ts.replies_unroutable);
-	fprintf(out, "occamy_replies_failed_total{reason=\"refused\"} %llu\n",
-		(unsigned long long)ts.replies_refused);
+	LABELLED(out, "occamy_replies_failed_total", "reason", {"unroutable", ts.replies_unroutable},
+		 {"refused", ts.replies_refused});
 	HELP("occamy_publishes_refused_total", "counter",
 	     "Plugin publishes refused before sending: they cannot be encoded.");
 	fprintf(out, "occamy_publishes_refused_total %llu\n",

@@ -166,12 +166,25 @@ tasks_file_read(int fd, struct crash_report *rep)
 	}
 }
 
+/* dir/name, opened for reading and writing (created if need be); -1 after
+ * logging that record keeping is off. */
+static int
+state_file_open(const char *dir, const char *name)
+{
+	char *path = path_of(dir, name);
+	int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+
+	free(path);
+	if (fd < 0)
+		log_warn("state_dir %s: record keeping off", dir);
+	return fd;
+}
+
 struct records *
 records_open(const char *dir, unsigned nslots, const char *config_path, unsigned slots,
 	     struct crash_report *rep)
 {
 	struct records *r;
-	char *lock, *tasks;
 	bool running;
 	int lfd, tfd;
 
@@ -180,24 +193,17 @@ records_open(const char *dir, unsigned nslots, const char *config_path, unsigned
 		log_warn("state_dir %s: record keeping off", dir);
 		return NULL;
 	}
-	lock = path_of(dir, "lock");
-	lfd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
-	free(lock);
-	if (lfd < 0) {
-		log_warn("state_dir %s: record keeping off", dir);
+	lfd = state_file_open(dir, "lock");
+	if (lfd < 0)
 		return NULL;
-	}
 	if (flock(lfd, LOCK_EX | LOCK_NB) < 0) {
 		log_warnx("state_dir %s is in use by another running occamyd: record keeping off "
 			  "for this one (give each instance its own state_dir)", dir);
 		close(lfd);
 		return NULL;
 	}
-	tasks = path_of(dir, "tasks");
-	tfd = open(tasks, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
-	free(tasks);
+	tfd = state_file_open(dir, "tasks");
 	if (tfd < 0) {
-		log_warn("state_dir %s: record keeping off", dir);
 		close(lfd);
 		return NULL;
 	}

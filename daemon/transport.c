@@ -395,22 +395,26 @@ transport_set_records(struct transport *t, struct records *r)
 	t->records = r;
 }
 
-void
-transport_quiesce(struct transport *t)
+/* Raise one of the loop's flags (t->lock) and wake the loop to act on it. */
+static void
+loop_flag_raise(struct transport *t, bool *flag)
 {
 	pthread_mutex_lock(&t->lock);
-	t->quiesce = true;
+	*flag = true;
 	pthread_mutex_unlock(&t->lock);
 	wake(t);
 }
 
 void
+transport_quiesce(struct transport *t)
+{
+	loop_flag_raise(t, &t->quiesce);
+}
+
+void
 transport_stop(struct transport *t)
 {
-	pthread_mutex_lock(&t->lock);
-	t->stop = true;
-	pthread_mutex_unlock(&t->lock);
-	wake(t);
+	loop_flag_raise(t, &t->stop);
 }
 
 int

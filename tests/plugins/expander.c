@@ -6,17 +6,11 @@
  */
 #include <pthread.h>
 #include <stdatomic.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 #include <unistd.h>
 
-#include <occamy/plugin.h>
+#include "fixture.h"
 
 #define EXP_ID_MAX 120
-#define EXP_MAX_MS 86400000ULL
 #define EXP_MAX_REPORTS 4096 /* distinct hellos remembered */
 #define EXP_REPORT_MAX 96    /* longest hello accepted */
 #define EXP_STEP_MS 5
@@ -40,15 +34,6 @@ struct exp_task {
 /* Generated IDs and hello serials: unique per process with the pid. */
 static _Atomic unsigned long exp_counter;
 
-static int64_t
-exp_wall_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Task IDs travel in a text body, so keep them to visible ASCII. */
 static int
 exp_id_ok(const char *s, size_t len)
@@ -63,38 +48,13 @@ exp_id_ok(const char *s, size_t len)
 	return 1;
 }
 
-static int
-exp_parse_u64(const char *s, size_t len, size_t *i, uint64_t *out)
-{
-	size_t digits = 0;
-	uint64_t v = 0;
-
-	for (; *i < len && s[*i] >= '0' && s[*i] <= '9'; (*i)++) {
-		if (++digits > 19)
-			return -1;
-		v = v * 10 + (uint64_t)(s[*i] - '0');
-	}
-	*out = v;
-	return digits > 0 ? 0 : -1;
-}
-
-static size_t
-exp_trim(const char *s, size_t len)
-{
-	while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\n' || s[len - 1] == '\r' ||
-			   s[len - 1] == '\t'))
-		len--;
-	return len;
-}
-
 static struct exp_task *
 exp_task_alloc(const struct occamy_host *host, enum exp_kind kind, const char *master,
 	       int64_t deadline_ms)
 {
 	struct exp_task *t;
 
-	if ((t = calloc(1, sizeof(*t))) == NULL)
-		abort();
+	t = fixture_calloc(sizeof(*t));
 	t->host = host;
 	t->kind = kind;
 	snprintf(t->master, sizeof(t->master), "%s", master);
@@ -111,18 +71,18 @@ static enum occamy_status
 exp_new_master(const struct occamy_host *host, const struct occamy_headers *headers,
 	       const char *s, size_t len, void **task, char *err, size_t errlen)
 {
-	const struct occamy_header *h = occamy_headers_find(headers, "task-id");
+	const struct occamy_header *h = occamy_headers_find(headers, fixture_task_id_header(host));
 	char id[EXP_ID_MAX + 1];
 	uint64_t ms, want = 0;
 	struct exp_task *t;
 	size_t i = 0;
 
-	len = exp_trim(s, len);
-	if (exp_parse_u64(s, len, &i, &ms) == -1 || ms > EXP_MAX_MS ||
-	    (i < len && (s[i++] != ',' || exp_parse_u64(s, len, &i, &want) == -1)) ||
+	len = fixture_trim_end(s, len);
+	if (fixture_parse_u64(s, len, &i, &ms) == -1 || ms > FIXTURE_MAX_MS ||
+	    (i < len && (s[i++] != ',' || fixture_parse_u64(s, len, &i, &want) == -1)) ||
 	    i != len) {
 		snprintf(err, errlen, "body must be \"ms[,want]\" with ms 0..%llu",
-			 (unsigned long long)EXP_MAX_MS);
+			 (unsigned long long)FIXTURE_MAX_MS);
 		return OCCAMY_ERR_INVALID_BODY;
 	}
 	if (h != NULL && h->kind == OCCAMY_VALUE_INT)
@@ -135,8 +95,8 @@ exp_new_master(const struct occamy_host *host, const struct occamy_headers *head
 		return OCCAMY_ERR_INVALID_HEADERS;
 	} else
 		snprintf(id, sizeof(id), "exp-%ld-%lu-%lld", (long)getpid(),
-			 atomic_fetch_add(&exp_counter, 1) + 1, (long long)exp_wall_ms());
-	t = exp_task_alloc(host, EXP_MASTER, id, exp_wall_ms() + (int64_t)ms);
+			 atomic_fetch_add(&exp_counter, 1) + 1, (long long)fixture_wall_ms());
+	t = exp_task_alloc(host, EXP_MASTER, id, fixture_wall_ms() + (int64_t)ms);
 	t->ms = ms;
 	t->want = want;
 	if ((t->seen = calloc(EXP_MAX_REPORTS, sizeof(*t->seen))) == NULL)
@@ -154,16 +114,16 @@ exp_new_external(const struct occamy_host *host, const char *s, size_t len, void
 	uint64_t deadline;
 	size_t i;
 
-	len = exp_trim(s, len);
+	len = fixture_trim_end(s, len);
 	sp = memchr(s, ' ', len);
 	i = sp != NULL ? (size_t)(sp - s) + 1 : len;
 	if (sp == NULL || !exp_id_ok(s, (size_t)(sp - s)) ||
-	    exp_parse_u64(s, len, &i, &deadline) == -1 || i != len ||
+	    fixture_parse_u64(s, len, &i, &deadline) == -1 || i != len ||
 	    deadline > (uint64_t)INT64_MAX) {
 		snprintf(err, errlen, "help body must be \"<master-id> <deadline_ms>\"");
 		return OCCAMY_ERR_INVALID_BODY;
 	}
-	if ((int64_t)deadline <= exp_wall_ms()) {
+	if ((int64_t)deadline <= fixture_wall_ms()) {
 		snprintf(err, errlen, "help request expired");
 		return OCCAMY_ERR_INVALID_TASK;
 	}
@@ -204,7 +164,7 @@ exp_run_master(struct exp_task *t, const struct occamy_cancel *cancel,
 			return OCCAMY_ERR_INTERRUPTED;
 		}
 		pthread_mutex_lock(&t->lock);
-		done = (t->want > 0 && t->nseen >= t->want) || exp_wall_ms() >= t->deadline_ms;
+		done = (t->want > 0 && t->nseen >= t->want) || fixture_wall_ms() >= t->deadline_ms;
 		pthread_mutex_unlock(&t->lock);
 	}
 	pthread_mutex_lock(&t->lock);
@@ -212,12 +172,7 @@ exp_run_master(struct exp_task *t, const struct occamy_cancel *cancel,
 	in = t->internal;
 	ex = t->external;
 	pthread_mutex_unlock(&t->lock);
-	n = snprintf(msg, sizeof(msg), "reports=%zu internal=%zu external=%zu", k, in, ex);
-	if ((out->body = malloc((size_t)n)) == NULL)
-		abort();
-	memcpy(out->body, msg, (size_t)n);
-	out->len = (size_t)n;
-	snprintf(out->content_type, sizeof(out->content_type), "text/plain");
+	fixture_result_text(out, "reports=%zu internal=%zu external=%zu", k, in, ex);
 	return OCCAMY_OK;
 }
 
@@ -237,7 +192,7 @@ exp_run_helper(struct exp_task *t, const struct occamy_cancel *cancel,
 		if (host->sleep_ms(cancel, 50) != 0)
 			goto cancelled;
 	for (;;) {
-		if (t->kind == EXP_EXTERNAL && exp_wall_ms() >= t->deadline_ms)
+		if (t->kind == EXP_EXTERNAL && fixture_wall_ms() >= t->deadline_ms)
 			return OCCAMY_OK;
 		if (host->sleep_ms(cancel, EXP_STEP_MS) != 0)
 			goto cancelled;
@@ -286,7 +241,7 @@ exp_task_handle(void *task, const struct occamy_headers *headers, const void *bo
 	size_t i;
 
 	(void)headers;
-	len = exp_trim(s, len);
+	len = fixture_trim_end(s, len);
 	if (t->kind != EXP_MASTER || len < 6 || len > EXP_REPORT_MAX ||
 	    memcmp(s, "hello ", 6) != 0 || memchr(s, '\0', len) != NULL)
 		return;
@@ -317,10 +272,8 @@ exp_task_info(const void *task, struct occamy_task_info *info)
 {
 	const struct exp_task *t = task;
 
-	info->id = t->id;
-	info->group = "expander";
-	info->deadline_ms = t->kind == EXP_INTERNAL ? 0 : t->deadline_ms;
-	info->priority = 0;
+	fixture_task_info(info, t->id, "expander",
+			  t->kind == EXP_INTERNAL ? 0 : t->deadline_ms);
 }
 
 static void
@@ -333,14 +286,6 @@ exp_task_destroy(void *task)
 	free(t);
 }
 
-const struct occamy_plugin occamy_plugin = {
-	OCCAMY_PLUGIN_HEADER,
-	.name = "expander",
-	.version = "1.0",
-	.task_new = exp_task_new,
-	.task_run = exp_task_run,
+FIXTURE_PLUGIN("expander", FIXTURE_TASK_CALLBACKS(exp),
 	.task_expand = exp_task_expand,
-	.task_handle = exp_task_handle,
-	.task_info = exp_task_info,
-	.task_destroy = exp_task_destroy,
-};
+	.task_handle = exp_task_handle);

@@ -3,20 +3,12 @@
  * of the daemon (dead-letter, requeue, retry limit, a crashing plugin, a
  * control callback that blocks) can be driven from a test.
  */
-#include <errno.h>
 #include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 
-#include <occamy/plugin.h>
+#include "fixture.h"
 
-#define FAIL_ID_MAX 255
 #define FAIL_BLOCK_S 30             /* how long task_handle blocks */
 #define FAIL_RUN_DEFAULT_MS 10000   /* how long a handle_block task runs */
-#define FAIL_RUN_MAX_MS 86400000ULL
 
 enum fail_kind {
 	FAIL_OK,
@@ -33,34 +25,6 @@ struct fail_task {
 	uint64_t run_ms; /* FAIL_HANDLE_BLOCK only */
 };
 
-static int
-fail_task_id(const struct occamy_headers *h, char **out)
-{
-	const struct occamy_header *v = occamy_headers_find(h, "task-id");
-	char num[32];
-
-	*out = NULL;
-	if (v == NULL)
-		return 0;
-	if (v->kind == OCCAMY_VALUE_INT) {
-		snprintf(num, sizeof(num), "%lld", (long long)v->i);
-		*out = strdup(num);
-	} else if (v->kind == OCCAMY_VALUE_STRING && v->len > 0 &&
-		   v->len <= FAIL_ID_MAX && memchr(v->str, '\0', v->len) == NULL) {
-		*out = strndup(v->str, v->len);
-	} else
-		return -1;
-	if (*out == NULL)
-		abort();
-	return 0;
-}
-
-static int
-fail_is_blank(char c)
-{
-	return c == ' ' || c == '\t' || c == '\r' || c == '\n';
-}
-
 /* Does the body, less surrounding blanks, equal word (optionally followed
  * by ",rest")?  On a match, rest and restlen describe what follows the comma. */
 static int
@@ -69,9 +33,9 @@ fail_match(const char *s, size_t len, const char *word, const char **rest,
 {
 	size_t wl = strlen(word);
 
-	while (len > 0 && fail_is_blank(*s))
+	while (len > 0 && fixture_is_blank(*s))
 		s++, len--;
-	while (len > 0 && fail_is_blank(s[len - 1]))
+	while (len > 0 && fixture_is_blank(s[len - 1]))
 		len--;
 	if (len < wl || memcmp(s, word, wl) != 0)
 		return 0;
@@ -87,18 +51,14 @@ fail_match(const char *s, size_t len, const char *word, const char **rest,
 	return 1;
 }
 
+/* ms after "handle_block,": digits only, 0..FIXTURE_MAX_MS. */
 static int
 fail_parse_ms(const char *s, size_t len, uint64_t *out)
 {
-	size_t i, digits = 0;
-	uint64_t v = 0;
+	size_t i = 0;
+	uint64_t v;
 
-	for (i = 0; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
-		if (++digits > 19)
-			return -1;
-		v = v * 10 + (uint64_t)(s[i] - '0');
-	}
-	if (digits == 0 || i != len || v > FAIL_RUN_MAX_MS)
+	if (fixture_parse_u64(s, len, &i, &v) == -1 || i != len || v > FIXTURE_MAX_MS)
 		return -1;
 	*out = v;
 	return 0;
@@ -148,13 +108,10 @@ fail_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 			 "invalid_task, internal, interrupted, ok, crash, handle_block[,ms]");
 		return OCCAMY_ERR_INVALID_BODY;
 	}
-	if ((t = calloc(1, sizeof(*t))) == NULL)
-		abort();
-	if (fail_task_id(headers, &t->id) == -1) {
-		snprintf(err, errlen, "task-id header must be a string of 1..%d bytes or an integer",
-			 FAIL_ID_MAX);
+	t = fixture_calloc(sizeof(*t));
+	if (fixture_task_id(host, headers, &t->id) == -1) {
 		free(t);
-		return OCCAMY_ERR_INVALID_HEADERS;
+		return fixture_bad_task_id(err, errlen);
 	}
 	t->host = host;
 	t->kind = run_kinds[i].kind;
@@ -200,7 +157,6 @@ fail_task_handle(void *task, const struct occamy_headers *headers, const void *b
 		 size_t len)
 {
 	struct fail_task *t = task;
-	struct timespec left = {FAIL_BLOCK_S, 0};
 
 	(void)headers;
 	(void)body;
@@ -208,8 +164,7 @@ fail_task_handle(void *task, const struct occamy_headers *headers, const void *b
 	if (t->kind != FAIL_HANDLE_BLOCK)
 		return;
 	t->host->log(t->host, OCCAMY_LOG_DEBUG, "task_handle blocking for %d s", FAIL_BLOCK_S);
-	while (nanosleep(&left, &left) == -1 && errno == EINTR)
-		;
+	fixture_nap_ms(FAIL_BLOCK_S * 1000);
 }
 
 static void
@@ -217,28 +172,10 @@ fail_task_info(const void *task, struct occamy_task_info *info)
 {
 	const struct fail_task *t = task;
 
-	info->id = t->id;
-	info->group = "fail";
-	info->deadline_ms = 0;
-	info->priority = 0;
+	fixture_task_info(info, t->id, "fail", 0);
 }
 
-static void
-fail_task_destroy(void *task)
-{
-	struct fail_task *t = task;
+FIXTURE_TASK_DESTROY_ID(fail, struct fail_task)
 
-	free(t->id);
-	free(t);
-}
-
-const struct occamy_plugin occamy_plugin = {
-	OCCAMY_PLUGIN_HEADER,
-	.name = "fail",
-	.version = "1.0",
-	.task_new = fail_task_new,
-	.task_run = fail_task_run,
-	.task_handle = fail_task_handle,
-	.task_info = fail_task_info,
-	.task_destroy = fail_task_destroy,
-};
+FIXTURE_PLUGIN("fail", FIXTURE_TASK_CALLBACKS(fail),
+	.task_handle = fail_task_handle);

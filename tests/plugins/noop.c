@@ -3,43 +3,13 @@
  * echoed back as the result, so round trips (request -> reply) can be checked
  * byte for byte.  The cheapest task there is: for latency and load tests.
  */
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <occamy/plugin.h>
-
-#define NOOP_ID_MAX 255
+#include "fixture.h"
 
 struct noop_task {
 	char *id;   /* task-id header, or NULL */
 	void *body; /* what to echo; NULL when the body was empty */
 	size_t len;
 };
-
-/* Copy the task-id header (a string or an integer) into a new string.
- * Returns 0, or -1 if the header is there but unusable. */
-static int
-noop_task_id(const struct occamy_headers *h, char **out)
-{
-	const struct occamy_header *v = occamy_headers_find(h, "task-id");
-	char num[32];
-
-	*out = NULL;
-	if (v == NULL)
-		return 0;
-	if (v->kind == OCCAMY_VALUE_INT) {
-		snprintf(num, sizeof(num), "%lld", (long long)v->i);
-		*out = strdup(num);
-	} else if (v->kind == OCCAMY_VALUE_STRING && v->len > 0 &&
-		   v->len <= NOOP_ID_MAX && memchr(v->str, '\0', v->len) == NULL) {
-		*out = strndup(v->str, v->len);
-	} else
-		return -1;
-	if (*out == NULL)
-		abort();
-	return 0;
-}
 
 static enum occamy_status
 noop_task_new(const struct occamy_host *host, const struct occamy_headers *headers,
@@ -48,15 +18,11 @@ noop_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 {
 	struct noop_task *t;
 
-	(void)host;
 	(void)is_help;
-	if ((t = calloc(1, sizeof(*t))) == NULL)
-		abort();
-	if (noop_task_id(headers, &t->id) == -1) {
-		snprintf(err, errlen, "task-id header must be a string of 1..%d bytes or an integer",
-			 NOOP_ID_MAX);
+	t = fixture_calloc(sizeof(*t));
+	if (fixture_task_id(host, headers, &t->id) == -1) {
 		free(t);
-		return OCCAMY_ERR_INVALID_HEADERS;
+		return fixture_bad_task_id(err, errlen);
 	}
 	if (len > 0) {
 		if ((t->body = malloc(len)) == NULL)
@@ -88,10 +54,7 @@ noop_task_info(const void *task, struct occamy_task_info *info)
 {
 	const struct noop_task *t = task;
 
-	info->id = t->id;
-	info->group = "noop";
-	info->deadline_ms = 0;
-	info->priority = 0;
+	fixture_task_info(info, t->id, "noop", 0);
 }
 
 static void
@@ -104,12 +67,4 @@ noop_task_destroy(void *task)
 	free(t);
 }
 
-const struct occamy_plugin occamy_plugin = {
-	OCCAMY_PLUGIN_HEADER,
-	.name = "noop",
-	.version = "1.0",
-	.task_new = noop_task_new,
-	.task_run = noop_task_run,
-	.task_info = noop_task_info,
-	.task_destroy = noop_task_destroy,
-};
+FIXTURE_PLUGIN("noop", FIXTURE_TASK_CALLBACKS(noop));

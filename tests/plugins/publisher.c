@@ -8,11 +8,7 @@
  * header key is KEYLEN 'k's, its value VALLEN 'v's (KEYLEN 0: no header).
  * Result: "rc=N" with N the return of the publish call.
  */
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <occamy/plugin.h>
+#include "fixture.h"
 
 #define PUBLISHER_LEN_MAX (16u << 20)
 
@@ -32,8 +28,7 @@ publisher_task_new(const struct occamy_host *host, const struct occamy_headers *
 
 	(void)headers;
 	(void)is_help;
-	if ((t = calloc(1, sizeof(*t))) == NULL)
-		abort();
+	t = fixture_calloc(sizeof(*t));
 	t->host = host;
 	snprintf(text, sizeof(text), "%.*s", (int)(len < sizeof(text) ? len : sizeof(text) - 1),
 		 (const char *)body);
@@ -88,10 +83,7 @@ static void
 publisher_task_info(const void *task, struct occamy_task_info *info)
 {
 	(void)task;
-	info->id = NULL;
-	info->group = "publisher";
-	info->deadline_ms = 0;
-	info->priority = 0;
+	fixture_task_info(info, NULL, "publisher", 0);
 }
 
 static void
@@ -100,12 +92,4 @@ publisher_task_destroy(void *task)
 	free(task);
 }
 
-const struct occamy_plugin occamy_plugin = {
-	OCCAMY_PLUGIN_HEADER,
-	.name = "publisher",
-	.version = "1.0",
-	.task_new = publisher_task_new,
-	.task_run = publisher_task_run,
-	.task_info = publisher_task_info,
-	.task_destroy = publisher_task_destroy,
-};
+FIXTURE_PLUGIN("publisher", FIXTURE_TASK_CALLBACKS(publisher));

@@ -7,21 +7,12 @@
  * Every line goes out in a single write() on an O_APPEND descriptor, so
  * lines from many slot threads and many daemons never interleave.
  */
-#include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdatomic.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 #include <unistd.h>
 
-#include <occamy/plugin.h>
+#include "fixture.h"
 
-#define REC_ID_MAX 255
-#define REC_MAX_MS 86400000ULL
 #define REC_HELP_DEFAULT_MS 10000
 #define REC_HANDLE_BODY_MAX 200 /* bytes of a control body put in the log */
 #define REC_STEP_MS 5           /* helpers look at cancellation this often */
@@ -46,24 +37,6 @@ struct rec_task {
 
 /* Generated task IDs: pid plus this counter are unique per host. */
 static _Atomic unsigned long rec_id_counter;
-
-static uint64_t
-rec_now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static int64_t
-rec_wall_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void rec_line(const struct occamy_host *host, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
@@ -96,8 +69,7 @@ rec_log_safe(const char *s)
 {
 	char *c, *p;
 
-	if ((c = strdup(s)) == NULL)
-		abort();
+	c = fixture_strdup(s);
 	for (p = c; *p != '\0'; p++)
 		if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f)
 			*p = '_';
@@ -119,11 +91,9 @@ rec_init(struct occamy_host *host, const struct occamy_option *options, size_t n
 			path = options[i].value;
 		else if (strcmp(options[i].key, "handle_ms") == 0)
 			handle_ms = options[i].value;
-		else {
-			snprintf(err, errlen, "unknown option '%s' (known: log, handle_ms)",
-				 options[i].key);
-			return -1;
-		}
+		else
+			return fixture_option_unknown(err, errlen, options[i].key,
+						      "log, handle_ms");
 	}
 	errno = 0;
 	v = strtoul(handle_ms, &end, 10);
@@ -135,8 +105,7 @@ rec_init(struct occamy_host *host, const struct occamy_option *options, size_t n
 		snprintf(err, errlen, "option 'log = PATH' is required");
 		return -1;
 	}
-	if ((st = calloc(1, sizeof(*st))) == NULL)
-		abort();
+	st = fixture_calloc(sizeof(*st));
 	st->handle_ms = (unsigned)v;
 	st->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
 	if (st->fd == -1) {
@@ -165,16 +134,14 @@ rec_task_alloc(const struct occamy_host *host, enum rec_kind kind, const char *i
 {
 	struct rec_task *t;
 
-	if ((t = calloc(1, sizeof(*t))) == NULL)
-		abort();
+	t = fixture_calloc(sizeof(*t));
 	t->host = host;
 	t->kind = kind;
-	if ((t->id = strdup(id)) == NULL)
-		abort();
+	t->id = fixture_strdup(id);
 	t->log_id = rec_log_safe(id);
 	t->ms = ms;
 	if (kind != REC_HELPER)
-		t->deadline_ms = rec_wall_ms() + (int64_t)ms;
+		t->deadline_ms = fixture_wall_ms() + (int64_t)ms;
 	return t;
 }
 
@@ -184,12 +151,10 @@ static int
 rec_parse_body(const char *s, size_t len, uint64_t dflt, uint64_t *ms, const char **id,
 	       size_t *idlen)
 {
-	size_t i = 0, digits = 0;
-	uint64_t v = 0;
+	size_t i = 0;
+	uint64_t v;
 
-	while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\n' || s[len - 1] == '\r' ||
-			   s[len - 1] == '\t'))
-		len--;
+	len = fixture_trim_end(s, len);
 	while (i < len && (s[i] == ' ' || s[i] == '\t'))
 		i++;
 	*id = NULL;
@@ -198,18 +163,13 @@ rec_parse_body(const char *s, size_t len, uint64_t dflt, uint64_t *ms, const cha
 		*ms = dflt;
 		return 0;
 	}
-	for (; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
-		if (++digits > 19)
-			return -1;
-		v = v * 10 + (uint64_t)(s[i] - '0');
-	}
-	if (digits == 0 || v > REC_MAX_MS)
+	if (fixture_parse_u64(s, len, &i, &v) == -1 || v > FIXTURE_MAX_MS)
 		return -1;
 	*ms = v;
 	if (i < len && s[i] == ',') {
 		*id = s + i + 1;
 		*idlen = len - i - 1;
-		if (*idlen == 0 || *idlen > REC_ID_MAX || memchr(*id, '\0', *idlen) != NULL)
+		if (*idlen == 0 || *idlen > FIXTURE_ID_MAX || memchr(*id, '\0', *idlen) != NULL)
 			return -1;
 		return 0;
 	}
@@ -221,8 +181,7 @@ rec_task_new(const struct occamy_host *host, const struct occamy_headers *header
 	     const void *body, size_t len, int is_help, void **task, char *err,
 	     size_t errlen)
 {
-	const struct occamy_header *h = occamy_headers_find(headers, "task-id");
-	char idbuf[REC_ID_MAX + 1];
+	char idbuf[FIXTURE_ID_MAX + 1], *hid;
 	const char *bid;
 	size_t bidlen;
 	uint64_t ms;
@@ -231,24 +190,20 @@ rec_task_new(const struct occamy_host *host, const struct occamy_headers *header
 			   &bidlen) == -1 ||
 	    (bid != NULL && !is_help)) {
 		snprintf(err, errlen, "body must be \"ms\" (0..%llu)%s",
-			 (unsigned long long)REC_MAX_MS,
+			 (unsigned long long)FIXTURE_MAX_MS,
 			 is_help ? " or \"ms,id\" for a help request" : "");
 		return OCCAMY_ERR_INVALID_BODY;
 	}
-	if (h != NULL && h->kind == OCCAMY_VALUE_INT)
-		snprintf(idbuf, sizeof(idbuf), "%lld", (long long)h->i);
-	else if (h != NULL && h->kind == OCCAMY_VALUE_STRING && h->len > 0 &&
-		 h->len <= REC_ID_MAX && memchr(h->str, '\0', h->len) == NULL)
-		snprintf(idbuf, sizeof(idbuf), "%.*s", (int)h->len, h->str);
-	else if (h != NULL) {
-		snprintf(err, errlen, "task-id header must be a string of 1..%d bytes or an integer",
-			 REC_ID_MAX);
-		return OCCAMY_ERR_INVALID_HEADERS;
-	} else if (bid != NULL)
+	if (fixture_task_id(host, headers, &hid) == -1)
+		return fixture_bad_task_id(err, errlen);
+	if (hid != NULL)
+		snprintf(idbuf, sizeof(idbuf), "%s", hid);
+	else if (bid != NULL)
 		snprintf(idbuf, sizeof(idbuf), "%.*s", (int)bidlen, bid);
 	else
 		snprintf(idbuf, sizeof(idbuf), "rec-%ld-%lu", (long)getpid(),
 			 atomic_fetch_add(&rec_id_counter, 1) + 1);
+	free(hid);
 	*task = rec_task_alloc(host, is_help ? REC_EXTERNAL : REC_MASTER, idbuf, ms);
 	return OCCAMY_OK;
 }
@@ -261,10 +216,8 @@ rec_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_outpu
 	const char *kind = rec_kind_names[t->kind];
 	uint64_t left = t->ms;
 	int cancelled = 0;
-	char msg[64];
-	int n;
 
-	rec_line(host, "%llu start %s %s %ld", (unsigned long long)rec_now_ns(), kind,
+	rec_line(host, "%llu start %s %s %ld", (unsigned long long)fixture_now_ns(), kind,
 		 t->log_id, (long)getpid());
 	if (t->kind == REC_HELPER) {
 		/* No deadline: only the daemon stops a helper. */
@@ -277,19 +230,14 @@ rec_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_outpu
 			left -= step;
 		}
 	}
-	rec_line(host, "%llu end %s %s %ld", (unsigned long long)rec_now_ns(), kind,
+	rec_line(host, "%llu end %s %s %ld", (unsigned long long)fixture_now_ns(), kind,
 		 t->log_id, (long)getpid());
 	if (cancelled) {
 		snprintf(out->message, sizeof(out->message), "cancelled");
 		return OCCAMY_ERR_INTERRUPTED;
 	}
 	if (t->kind == REC_MASTER) {
-		n = snprintf(msg, sizeof(msg), "ran %llu", (unsigned long long)t->ms);
-		if ((out->body = malloc((size_t)n)) == NULL)
-			abort();
-		memcpy(out->body, msg, (size_t)n);
-		out->len = (size_t)n;
-		snprintf(out->content_type, sizeof(out->content_type), "text/plain");
+		fixture_result_text(out, "ran %llu", (unsigned long long)t->ms);
 	}
 	return OCCAMY_OK;
 }
@@ -325,15 +273,10 @@ rec_task_handle(void *task, const struct occamy_headers *headers, const void *bo
 	for (i = 0; i < len; i++)
 		safe[i] = (b[i] >= ' ' && b[i] < 0x7f) ? (char)b[i] : '.';
 	safe[len] = '\0';
-	rec_line(t->host, "%llu handle %s %ld %s", (unsigned long long)rec_now_ns(),
+	rec_line(t->host, "%llu handle %s %ld %s", (unsigned long long)fixture_now_ns(),
 		 t->log_id, (long)getpid(), safe);
-	if (st->handle_ms > 0) {
-		struct timespec left = {(time_t)(st->handle_ms / 1000),
-					(long)(st->handle_ms % 1000) * 1000000L};
-
-		while (nanosleep(&left, &left) == -1 && errno == EINTR)
-			;
-	}
+	if (st->handle_ms > 0)
+		fixture_nap_ms(st->handle_ms);
 }
 
 static void
@@ -341,10 +284,7 @@ rec_task_info(const void *task, struct occamy_task_info *info)
 {
 	const struct rec_task *t = task;
 
-	info->id = t->id;
-	info->group = "recorder";
-	info->deadline_ms = t->deadline_ms;
-	info->priority = 0;
+	fixture_task_info(info, t->id, "recorder", t->deadline_ms);
 }
 
 static void
@@ -357,16 +297,8 @@ rec_task_destroy(void *task)
 	free(t);
 }
 
-const struct occamy_plugin occamy_plugin = {
-	OCCAMY_PLUGIN_HEADER,
-	.name = "recorder",
-	.version = "1.0",
+FIXTURE_PLUGIN("recorder", FIXTURE_TASK_CALLBACKS(rec),
 	.init = rec_init,
 	.fini = rec_fini,
-	.task_new = rec_task_new,
-	.task_run = rec_task_run,
 	.task_expand = rec_task_expand,
-	.task_handle = rec_task_handle,
-	.task_info = rec_task_info,
-	.task_destroy = rec_task_destroy,
-};
+	.task_handle = rec_task_handle);

@@ -5,16 +5,9 @@
  * that spin until cancelled: the easy way to fill every slot.
  */
 #include <stdatomic.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 
-#include <occamy/plugin.h>
+#include "fixture.h"
 
-#define SPIN_ID_MAX 255
-#define SPIN_MAX_MS 86400000ULL
 #define SPIN_MAX_POLL_MS 60000ULL
 
 enum spin_kind { SPIN_MASTER, SPIN_HELPER, SPIN_EXTERNAL };
@@ -38,79 +31,21 @@ struct spin_task {
  * reads it, it only has to exist. */
 static _Atomic uint64_t spin_sink;
 
-static uint64_t
-spin_now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static int64_t
-spin_wall_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int
-spin_task_id(const struct occamy_headers *h, char **out)
-{
-	const struct occamy_header *v = occamy_headers_find(h, "task-id");
-	char num[32];
-
-	*out = NULL;
-	if (v == NULL)
-		return 0;
-	if (v->kind == OCCAMY_VALUE_INT) {
-		snprintf(num, sizeof(num), "%lld", (long long)v->i);
-		*out = strdup(num);
-	} else if (v->kind == OCCAMY_VALUE_STRING && v->len > 0 &&
-		   v->len <= SPIN_ID_MAX && memchr(v->str, '\0', v->len) == NULL) {
-		*out = strndup(v->str, v->len);
-	} else
-		return -1;
-	if (*out == NULL)
-		abort();
-	return 0;
-}
-
-/* Parse an unsigned decimal at s[*i], at most 19 digits. */
-static int
-spin_parse_u64(const char *s, size_t len, size_t *i, uint64_t *out)
-{
-	size_t digits = 0;
-	uint64_t v = 0;
-
-	for (; *i < len && s[*i] >= '0' && s[*i] <= '9'; (*i)++) {
-		if (++digits > 19)
-			return -1;
-		v = v * 10 + (uint64_t)(s[*i] - '0');
-	}
-	*out = v;
-	return digits > 0 ? 0 : -1;
-}
-
 /* Body "ms[,poll_ms]", blanks around it allowed. */
 static int
 spin_parse_body(const char *s, size_t len, uint64_t *ms, uint64_t *poll_ms)
 {
 	size_t i = 0;
 
-	while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\n' || s[len - 1] == '\r' ||
-			   s[len - 1] == '\t'))
-		len--;
+	len = fixture_trim_end(s, len);
 	while (i < len && (s[i] == ' ' || s[i] == '\t'))
 		i++;
 	*poll_ms = 1;
-	if (spin_parse_u64(s, len, &i, ms) == -1 || *ms > SPIN_MAX_MS)
+	if (fixture_parse_u64(s, len, &i, ms) == -1 || *ms > FIXTURE_MAX_MS)
 		return -1;
 	if (i < len && s[i] == ',') {
 		i++;
-		if (spin_parse_u64(s, len, &i, poll_ms) == -1 || *poll_ms == 0 ||
+		if (fixture_parse_u64(s, len, &i, poll_ms) == -1 || *poll_ms == 0 ||
 		    *poll_ms > SPIN_MAX_POLL_MS)
 			return -1;
 	}
@@ -124,14 +59,12 @@ spin_init(struct occamy_host *host, const struct occamy_option *options, size_t 
 	struct spin_conf *conf;
 	size_t i;
 
-	if ((conf = calloc(1, sizeof(*conf))) == NULL)
-		abort();
+	conf = fixture_calloc(sizeof(*conf));
 	conf->expand = 1;
 	for (i = 0; i < noptions; i++) {
 		if (strcmp(options[i].key, "expand") != 0) {
-			snprintf(err, errlen, "unknown option '%s' (known: expand)", options[i].key);
 			free(conf);
-			return -1;
+			return fixture_option_unknown(err, errlen, options[i].key, "expand");
 		}
 		if (strcmp(options[i].value, "yes") == 0)
 			conf->expand = 1;
@@ -159,15 +92,14 @@ spin_task_alloc(const struct occamy_host *host, enum spin_kind kind, const char 
 {
 	struct spin_task *t;
 
-	if ((t = calloc(1, sizeof(*t))) == NULL)
-		abort();
+	t = fixture_calloc(sizeof(*t));
 	t->host = host;
 	t->kind = kind;
-	if (id != NULL && (t->id = strdup(id)) == NULL)
-		abort();
+	if (id != NULL)
+		t->id = fixture_strdup(id);
 	t->ms = ms;
 	t->poll_ms = poll_ms;
-	t->deadline_ms = ms > 0 ? spin_wall_ms() + (int64_t)ms : 0;
+	t->deadline_ms = ms > 0 ? fixture_wall_ms() + (int64_t)ms : 0;
 	return t;
 }
 
@@ -183,14 +115,11 @@ spin_task_new(const struct occamy_host *host, const struct occamy_headers *heade
 		snprintf(err, errlen,
 			 "body must be \"ms[,poll_ms]\": ms 0..%llu (0 = until cancelled), "
 			 "poll_ms 1..%llu",
-			 (unsigned long long)SPIN_MAX_MS, (unsigned long long)SPIN_MAX_POLL_MS);
+			 (unsigned long long)FIXTURE_MAX_MS, (unsigned long long)SPIN_MAX_POLL_MS);
 		return OCCAMY_ERR_INVALID_BODY;
 	}
-	if (spin_task_id(headers, &id) == -1) {
-		snprintf(err, errlen, "task-id header must be a string of 1..%d bytes or an integer",
-			 SPIN_ID_MAX);
-		return OCCAMY_ERR_INVALID_HEADERS;
-	}
+	if (fixture_task_id(host, headers, &id) == -1)
+		return fixture_bad_task_id(err, errlen);
 	*task = spin_task_alloc(host, is_help ? SPIN_EXTERNAL : SPIN_MASTER, id, ms, poll_ms);
 	free(id);
 	return OCCAMY_OK;
@@ -200,19 +129,17 @@ static enum occamy_status
 spin_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_output *out)
 {
 	struct spin_task *t = task;
-	uint64_t start = spin_now_ns(), now = start, last_poll = start;
+	uint64_t start = fixture_now_ns(), now = start, last_poll = start;
 	uint64_t poll_ns = t->poll_ms * 1000000u;
 	uint64_t end = t->ms > 0 ? start + t->ms * 1000000u : UINT64_MAX;
 	uint64_t x = start, k;
-	char msg[64];
-	int n;
 
 	for (;;) {
 		/* About a microsecond of work between clock reads. */
 		for (k = 0; k < 256; k++)
 			x = x * 6364136223846793005ULL + 1442695040888963407ULL;
 		atomic_store_explicit(&spin_sink, x, memory_order_relaxed);
-		now = spin_now_ns();
+		now = fixture_now_ns();
 		if (now >= end)
 			break;
 		if (now - last_poll < poll_ns)
@@ -230,12 +157,7 @@ spin_task_run(void *task, const struct occamy_cancel *cancel, struct occamy_outp
 	}
 	if (t->kind != SPIN_MASTER)
 		return OCCAMY_OK; /* helpers record nothing */
-	n = snprintf(msg, sizeof(msg), "spun %llu", (unsigned long long)t->ms);
-	if ((out->body = malloc((size_t)n)) == NULL)
-		abort();
-	memcpy(out->body, msg, (size_t)n);
-	out->len = (size_t)n;
-	snprintf(out->content_type, sizeof(out->content_type), "text/plain");
+	fixture_result_text(out, "spun %llu", (unsigned long long)t->ms);
 	return OCCAMY_OK;
 }
 
@@ -260,30 +182,12 @@ spin_task_info(const void *task, struct occamy_task_info *info)
 {
 	const struct spin_task *t = task;
 
-	info->id = t->id;
-	info->group = "spin";
-	info->deadline_ms = t->deadline_ms;
-	info->priority = 0;
+	fixture_task_info(info, t->id, "spin", t->deadline_ms);
 }
 
-static void
-spin_task_destroy(void *task)
-{
-	struct spin_task *t = task;
+FIXTURE_TASK_DESTROY_ID(spin, struct spin_task)
 
-	free(t->id);
-	free(t);
-}
-
-const struct occamy_plugin occamy_plugin = {
-	OCCAMY_PLUGIN_HEADER,
-	.name = "spin",
-	.version = "1.0",
+FIXTURE_PLUGIN("spin", FIXTURE_TASK_CALLBACKS(spin),
 	.init = spin_init,
 	.fini = spin_fini,
-	.task_new = spin_task_new,
-	.task_run = spin_task_run,
-	.task_expand = spin_task_expand,
-	.task_info = spin_task_info,
-	.task_destroy = spin_task_destroy,
-};
+	.task_expand = spin_task_expand);

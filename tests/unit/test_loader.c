@@ -347,6 +347,27 @@ reload(struct router *r, const struct config *cfg)
 	router_install(r, set, cfg);
 }
 
+/* init and fini lines the fixture has written to trace so far. */
+#define ASSERT_INITS_FINIS(trace, inits, finis)                                \
+	do {                                                                   \
+		assert_int_equal(count_lines(trace, "init\n"), inits);         \
+		assert_int_equal(count_lines(trace, "fini\n"), finis);         \
+	} while (0)
+
+/* A router with the fixture plugin installed, tracing into a file named
+ * name; *cfg is its config. */
+static struct router *
+fx_router(char *trace, size_t len, const char *name, struct config *cfg)
+{
+	struct router *r;
+
+	trace_path(trace, len, name);
+	fx_conf(cfg, trace, "");
+	r = router_new(cfg);
+	reload(r, cfg);
+	return r;
+}
+
 static struct task *
 fx_task(struct router *r)
 {
@@ -397,12 +418,10 @@ test_reloads_that_change_the_options_pair_init_with_fini(void **state)
 		snprintf(more, sizeof(more), "generation = %d\n", i);
 		fx_conf(&cfg, trace, more);
 		reload(r, &cfg);
-		assert_int_equal(count_lines(trace, "init\n"), i + 1);
-		assert_int_equal(count_lines(trace, "fini\n"), i);
+		ASSERT_INITS_FINIS(trace, i + 1, i);
 	}
 	router_free(r);
-	assert_int_equal(count_lines(trace, "init\n"), 50);
-	assert_int_equal(count_lines(trace, "fini\n"), 50);
+	ASSERT_INITS_FINIS(trace, 50, 50);
 	config_free(&cfg);
 }
 
@@ -416,10 +435,7 @@ test_unchanged_plugin_is_kept_across_reloads_without_init_or_fini(void **state)
 	int i;
 
 	(void)state;
-	trace_path(trace, sizeof(trace), "trace-kept");
-	fx_conf(&cfg, trace, "");
-	r = router_new(&cfg);
-	reload(r, &cfg);
+	r = fx_router(trace, sizeof(trace), "trace-kept", &cfg);
 	t = fx_task(r);
 	for (i = 0; i < 10; i++) {
 		struct config again;
@@ -429,16 +445,14 @@ test_unchanged_plugin_is_kept_across_reloads_without_init_or_fini(void **state)
 		config_free(&again);
 	}
 	/* One init while the task lives, and it still routes. */
-	assert_int_equal(count_lines(trace, "init\n"), 1);
-	assert_int_equal(count_lines(trace, "fini\n"), 0);
+	ASSERT_INITS_FINIS(trace, 1, 0);
 	t2 = fx_task(r);
 	destroy_elsewhere(t);
 	destroy_elsewhere(t2);
 	router_reap(r);
 	assert_int_equal(count_lines(trace, "fini\n"), 0);
 	router_free(r);
-	assert_int_equal(count_lines(trace, "init\n"), 1);
-	assert_int_equal(count_lines(trace, "fini\n"), 1);
+	ASSERT_INITS_FINIS(trace, 1, 1);
 	config_free(&cfg);
 }
 
@@ -454,10 +468,7 @@ test_removed_plugin_is_finalised_on_the_main_thread_after_its_last_task(void **s
 	char why[256];
 
 	(void)state;
-	trace_path(trace, sizeof(trace), "trace-removed");
-	fx_conf(&cfg, trace, "");
-	r = router_new(&cfg);
-	reload(r, &cfg);
+	r = fx_router(trace, sizeof(trace), "trace-removed", &cfg);
 	src = router_task_source(r);
 	t = fx_task(r);
 	/* Reload without the plugin: new work cannot reach it... */
@@ -490,15 +501,11 @@ test_changed_options_start_a_new_instance_while_the_old_one_drains(void **state)
 	struct task *old, *young;
 
 	(void)state;
-	trace_path(trace, sizeof(trace), "trace-changed");
-	fx_conf(&cfg, trace, "");
-	r = router_new(&cfg);
-	reload(r, &cfg);
+	r = fx_router(trace, sizeof(trace), "trace-changed", &cfg);
 	old = fx_task(r);
 	fx_conf(&changed, trace, "colour = blue\n");
 	reload(r, &changed);
-	assert_int_equal(count_lines(trace, "init\n"), 2);
-	assert_int_equal(count_lines(trace, "fini\n"), 0);
+	ASSERT_INITS_FINIS(trace, 2, 0);
 	young = fx_task(r);
 	destroy_elsewhere(old);
 	router_reap(r);
@@ -536,8 +543,7 @@ test_replaced_file_keeps_the_loaded_instance_until_restart(void **state)
 	copy_file(from, tmp, 0755);
 	assert_int_equal(rename(tmp, to), 0);
 	reload(r, &cfg);
-	assert_int_equal(count_lines(trace, "init\n"), 1);
-	assert_int_equal(count_lines(trace, "fini\n"), 0);
+	ASSERT_INITS_FINIS(trace, 1, 0);
 	/* A second section naming it cannot get the new file: refused. */
 	snprintf(extra, sizeof(extra), "[plugin fx]\npath = %s\nok = yes\ntrace = %s\n"
 		 "[plugin fy]\npath = %s\nok = yes\n", to, trace, to);

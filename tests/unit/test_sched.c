@@ -432,6 +432,15 @@ finish(struct sched *s)
 	assert_int_equal(atomic_load(&msgs_alive), 0);
 }
 
+/* finish(s), then free the test's messages. */
+#define FINISH(s, ...)                                                         \
+	do {                                                                   \
+		struct fake_msg *const msgs_[] = {__VA_ARGS__};                \
+		finish(s);                                                     \
+		for (size_t i_ = 0; i_ < sizeof(msgs_) / sizeof(msgs_[0]); i_++) \
+			msg_free(msgs_[i_]);                                   \
+	} while (0)
+
 /* Fill every slot of s with helpers of one protected master that runs until
  * released; returns the master's message. */
 static struct fake_msg *
@@ -466,8 +475,7 @@ test_request_runs_and_is_acked_with_its_result(void **state)
 	sched_get_stats(s, &st);
 	assert_int_equal(st.admitted, 1);
 	assert_int_equal(st.admit_latency_count, 1);
-	finish(s);
-	msg_free(m);
+	FINISH(s, m);
 }
 
 static void
@@ -579,8 +587,7 @@ test_scenario_a_one_request_fills_every_slot_with_its_helpers(void **state)
 	/* Helpers end with their master. */
 	WAIT_STATUS(s, SLOT_INTERNAL, 0, 2000);
 	WAIT_STATUS(s, SLOT_EMPTY, 8, 2000);
-	finish(s);
-	msg_free(m);
+	FINISH(s, m);
 }
 
 static void
@@ -606,8 +613,7 @@ test_expand_is_offered_exactly_the_free_room(void **state)
 	assert_int_equal(atomic_load(&master->expand_last_n), 3);
 	atomic_store(&master->released, true);
 	WAIT_SETTLED(m, 2000);
-	finish(s);
-	msg_free(m);
+	FINISH(s, m);
 }
 
 static bool
@@ -654,10 +660,7 @@ test_helpers_returned_beyond_room_are_destroyed(void **state)
 	WAIT_SETTLED(m, 2000);
 	WAIT_SETTLED(b1, 2000);
 	WAIT_SETTLED(b2, 2000);
-	finish(s);
-	msg_free(m);
-	msg_free(b1);
-	msg_free(b2);
+	FINISH(s, m, b1, b2);
 }
 
 static void
@@ -690,9 +693,7 @@ test_buffer_slots_stay_empty_for_requests(void **state)
 	sched_shutdown(s);
 	assert_int_equal(m->outcome, SETTLE_REQUEUE);
 	assert_int_equal(m2->outcome, SETTLE_REQUEUE);
-	finish(s);
-	msg_free(m);
-	msg_free(m2);
+	FINISH(s, m, m2);
 }
 
 /* prefetch > slots: a request that finds every slot protected waits for
@@ -738,11 +739,7 @@ test_full_of_protected_tasks_holds_the_request_then_requeues_it_once(void **stat
 	sched_shutdown(s);
 	/* Shutdown past the grace requeues protected work. */
 	assert_int_equal(b->outcome, SETTLE_REQUEUE);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
-	msg_free(c);
-	msg_free(d);
+	FINISH(s, a, b, c, d);
 }
 
 static void
@@ -766,9 +763,7 @@ test_scenario_b_request_preempts_a_helper(enum helper_priority hp)
 	assert_int_equal(m->outcome, SETTLE_ACK);
 	atomic_store(&mt->released, true);
 	WAIT_SETTLED(master, 2000);
-	finish(s);
-	msg_free(m);
-	msg_free(master);
+	FINISH(s, m, master);
 }
 
 static void
@@ -819,10 +814,7 @@ test_external_helpers_are_preempted_before_internal(void **state)
 	atomic_store(&task_of(q)->released, true);
 	WAIT_SETTLED(m, 2000);
 	WAIT_SETTLED(q, 2000);
-	finish(s);
-	msg_free(m);
-	msg_free(help);
-	msg_free(q);
+	FINISH(s, m, help, q);
 }
 
 static void
@@ -863,9 +855,7 @@ test_most_recent_helper_is_preempted_first(void **state)
 	atomic_store(&task_of(q)->released, true);
 	WAIT_SETTLED(m, 2000);
 	WAIT_SETTLED(q, 2000);
-	finish(s);
-	msg_free(m);
-	msg_free(q);
+	FINISH(s, m, q);
 }
 
 static void
@@ -898,10 +888,7 @@ test_kill_timeout_requeues_request_and_stays_responsive(void **state)
 	atomic_store(&mt->released, true);
 	WAIT_SETTLED(master, 3000);
 	assert_true(wait_for(no_helpers_left, s, 3000));
-	finish(s);
-	msg_free(master);
-	msg_free(q);
-	msg_free(ctl);
+	FINISH(s, master, q, ctl);
 }
 
 static void
@@ -941,9 +928,7 @@ test_stubborn_helper_does_not_delay_admission_in_idle_mode(void **state)
 	WAIT_SETTLED(master, 3000);
 	WAIT_SETTLED(q, 3000);
 	assert_true(wait_for(no_helpers_left, s, 3000));
-	finish(s);
-	msg_free(master);
-	msg_free(q);
+	FINISH(s, master, q);
 }
 
 /* Draining helpers hold their threads, and helpers get no thread beyond the
@@ -982,8 +967,7 @@ test_draining_helpers_are_bounded_by_the_helper_pool(void **state)
 	atomic_store(&mt->released, true);
 	WAIT_SETTLED(master, 2000);
 	assert_true(wait_for(no_helpers_left, s, 4000));
-	finish(s);
-	msg_free(master);
+	FINISH(s, master);
 	for (i = 0; i < 3; i++)
 		msg_free(q[i]);
 }
@@ -1017,9 +1001,7 @@ test_fair_share_between_two_protected_tasks(void **state)
 	atomic_store(&tb->released, true);
 	WAIT_SETTLED(a, 2000);
 	WAIT_SETTLED(b, 2000);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
+	FINISH(s, a, b);
 }
 
 static void
@@ -1069,9 +1051,7 @@ test_expansion_serves_protected_tasks_before_stored_help(void **state)
 		msg_free(b[i]);
 	}
 	WAIT_SETTLED(m, 2000);
-	finish(s);
-	msg_free(m);
-	msg_free(help);
+	FINISH(s, m, help);
 }
 
 static void
@@ -1118,8 +1098,7 @@ test_external_store_orders_by_priority_and_expires(void **state)
 	WAIT_STATUS(s, SLOT_EXTERNAL, 1, 2000);
 	sched_get_stats(s, &st);
 	assert_int_equal(st.external_queued, 0);
-	finish(s);
-	msg_free(q);
+	FINISH(s, q);
 	for (i = 0; i < 4; i++)
 		msg_free(h[i]);
 }
@@ -1156,9 +1135,7 @@ test_external_task_without_deadline_is_kept_until_ttl(void **state)
 	assert_int_equal(st.external_drops[DROP_EXPIRED], 1);
 	atomic_store(&blocker->released, true);
 	WAIT_SETTLED(q, 2000);
-	finish(s);
-	msg_free(q);
-	msg_free(h);
+	FINISH(s, q, h);
 }
 
 static void
@@ -1205,12 +1182,7 @@ test_control_reaches_every_task_with_the_id(void **state)
 	WAIT_SETTLED(a, 2000);
 	WAIT_SETTLED(b, 2000);
 	WAIT_SETTLED(c, 2000);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
-	msg_free(c);
-	msg_free(ctl);
-	msg_free(none);
+	FINISH(s, a, b, c, ctl, none);
 }
 
 static void
@@ -1244,10 +1216,7 @@ test_control_reaches_a_help_request_waiting_in_the_store(void **state)
 	assert_int_equal(st.control_routed, 1);
 	atomic_store(&blocker->released, true);
 	WAIT_SETTLED(q, 2000);
-	finish(s);
-	msg_free(q);
-	msg_free(help);
-	msg_free(ctl);
+	FINISH(s, q, help, ctl);
 }
 
 static void
@@ -1264,8 +1233,7 @@ test_non_string_task_id_is_dead_lettered(void **state)
 	assert_non_null(strstr(ctl->reason, "not a string"));
 	sched_get_stats(s, &st);
 	assert_int_equal(st.control_invalid, 1);
-	finish(s);
-	msg_free(ctl);
+	FINISH(s, ctl);
 }
 
 static void
@@ -1291,10 +1259,7 @@ test_shutdown_lets_short_tasks_finish_and_requeues_long_ones(void **state)
 	assert_int_equal(late->outcome, SETTLE_REQUEUE);
 	sched_get_stats(s, &st);
 	assert_int_equal(st.by_status[SLOT_EMPTY], 3);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
-	msg_free(late);
+	FINISH(s, a, b, late);
 }
 
 static void
@@ -1310,8 +1275,7 @@ test_cancel_requests_requeues_protected_tasks(void **state)
 	sched_cancel_requests(s);
 	WAIT_SETTLED(a, 2000);
 	assert_int_equal(a->outcome, SETTLE_REQUEUE);
-	finish(s);
-	msg_free(a);
+	FINISH(s, a);
 }
 
 /* ---- cancel tokens ---- */
@@ -1360,8 +1324,7 @@ test_short_sleep_ends_on_time(void **state)
 	sched_submit_request(s, &m->base);
 	WAIT_SETTLED(m, 2000);
 	assert_int_equal(m->outcome, SETTLE_ACK);
-	finish(s);
-	msg_free(m);
+	FINISH(s, m);
 }
 
 static bool
@@ -1404,13 +1367,26 @@ redeliver_until_done(struct sched *s, const struct recipe *r, unsigned ms,
 	}
 }
 
+/* A one-slot scheduler with kill_timeout_ms, its slot running a's task. */
+static struct sched *
+start_one_running(unsigned kill_timeout_ms, struct fake_msg *a)
+{
+	struct sched_config cfg = base_config(1);
+	struct sched *s;
+
+	cfg.kill_timeout_ms = kill_timeout_ms;
+	s = sched_new(&cfg, &fake_source, NULL);
+	sched_submit_request(s, &a->base);
+	wait_running(task_of(a));
+	return s;
+}
+
 /* Issue 16: after a reconnect the cancelled task still holds its slot, but
  * the new channel's prefetch does not count it.  The next delivery waits
  * for that slot instead of bouncing "no free slot". */
 static void
 test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection(void **state)
 {
-	struct sched_config cfg = base_config(1);
 	struct recipe slow = {.mode = RUN_STUBBORN, .stubborn_ms = 300};
 	struct recipe quick = {.mode = RUN_OK};
 	struct fake_msg *a = msg_new(&slow), *b;
@@ -1419,10 +1395,7 @@ test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection(void 
 	unsigned requeues;
 
 	(void)state;
-	cfg.kill_timeout_ms = 2000;
-	s = sched_new(&cfg, &fake_source, NULL);
-	sched_submit_request(s, &a->base);
-	wait_running(task_of(a));
+	s = start_one_running(2000, a);
 	sched_cancel_requests(s);
 	requeues = redeliver_until_done(s, &quick, 3000, &b);
 	WAIT_SETTLED(b, 1000);
@@ -1433,9 +1406,7 @@ test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection(void 
 	sched_get_stats(s, &st);
 	assert_int_equal(st.requeued_no_room, 0);
 	assert_int_equal(st.requeued_kill_timeout, 0);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
+	FINISH(s, a, b);
 }
 
 /* The transport calls sched_cancel_requests() and never runs plugin code:
@@ -1444,17 +1415,13 @@ test_request_waits_for_a_slot_held_by_a_task_cancelled_with_the_connection(void 
 static void
 test_cancel_requests_runs_no_task_destroy_on_the_callers_thread(void **state)
 {
-	struct sched_config cfg = base_config(1);
 	struct recipe hold = {.mode = RUN_UNTIL_CANCEL};
 	struct recipe quick = {.mode = RUN_OK};
 	struct fake_msg *a = msg_new(&hold), *b = msg_new(&quick);
 	struct sched *s;
 
 	(void)state;
-	cfg.kill_timeout_ms = 5000;
-	s = sched_new(&cfg, &fake_source, NULL);
-	sched_submit_request(s, &a->base);
-	wait_running(task_of(a));
+	s = start_one_running(5000, a);
 	sched_submit_request(s, &b->base); /* waits for the only slot */
 	usleep(50000);
 	assert_int_equal(atomic_load(&b->settled), 0);
@@ -1468,9 +1435,7 @@ test_cancel_requests_runs_no_task_destroy_on_the_callers_thread(void **state)
 	assert_int_equal(a->outcome, SETTLE_REQUEUE);
 	assert_int_equal(b->outcome, SETTLE_REQUEUE);
 	assert_int_equal(atomic_load(&destroyed_on_forbidden), 0);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
+	FINISH(s, a, b);
 }
 
 /* The same when the cancelled task overruns kill_timeout: requeued once at
@@ -1479,7 +1444,6 @@ test_cancel_requests_runs_no_task_destroy_on_the_callers_thread(void **state)
 static void
 test_slot_stuck_after_a_lost_connection_requeues_at_a_bounded_rate(void **state)
 {
-	struct sched_config cfg = base_config(1);
 	struct recipe slow = {.mode = RUN_STUBBORN, .stubborn_ms = 2500};
 	struct recipe quick = {.mode = RUN_OK};
 	struct fake_msg *a = msg_new(&slow), *b;
@@ -1488,10 +1452,7 @@ test_slot_stuck_after_a_lost_connection_requeues_at_a_bounded_rate(void **state)
 	unsigned requeues;
 
 	(void)state;
-	cfg.kill_timeout_ms = 100;
-	s = sched_new(&cfg, &fake_source, NULL);
-	sched_submit_request(s, &a->base);
-	wait_running(task_of(a));
+	s = start_one_running(100, a);
 	sched_cancel_requests(s);
 	requeues = redeliver_until_done(s, &quick, 6000, &b);
 	WAIT_SETTLED(b, 1000);
@@ -1502,9 +1463,7 @@ test_slot_stuck_after_a_lost_connection_requeues_at_a_bounded_rate(void **state)
 	sched_get_stats(s, &st);
 	assert_int_equal(st.requeued_kill_timeout, 1);
 	assert_int_equal(st.requeued_no_room, requeues - 1);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
+	FINISH(s, a, b);
 }
 
 struct shutdown_arg {
@@ -1549,9 +1508,7 @@ test_requests_arriving_during_shutdown_are_held_not_bounced(void **state)
 	assert_int_equal(b->outcome, SETTLE_REQUEUE);
 	assert_string_equal(b->reason, "shutting down");
 	assert_int_equal(a->outcome, SETTLE_REQUEUE);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
+	FINISH(s, a, b);
 }
 
 /* Issue 16, item 6: a control message that a task's full backlog cannot
@@ -1598,8 +1555,7 @@ test_control_backlog_overflow_is_dead_lettered_not_acked(void **state)
 	assert_int_equal(st.control_dropped, EXTRA);
 	atomic_store(&t->released, true);
 	WAIT_SETTLED(q, 2000);
-	finish(s);
-	msg_free(q);
+	FINISH(s, q);
 	for (i = 0; i < N; i++)
 		msg_free(ctl[i]);
 }
@@ -1840,10 +1796,7 @@ test_gated_expand_does_not_delay_a_held_requests_requeue(void **state)
 	WAIT_SETTLED(a, 2000);
 	WAIT_SETTLED(b, 2000);
 	sched_shutdown(s);
-	finish(s);
-	msg_free(a);
-	msg_free(b);
-	msg_free(c);
+	FINISH(s, a, b, c);
 }
 
 /* Not the scheduler's, but the header every plugin includes: an ABI 1.0
