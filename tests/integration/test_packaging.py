@@ -236,6 +236,7 @@ def test_packages_install_enable_without_starting_check_config_build_a_plugin_an
         cflags = ok(run(["pkg-config", "--cflags", "occamy-plugin"])).split()
         src = os.path.join(work, "mine.c")
         shutil.copy(os.path.join(ROOT, "tests", "plugins", "noop.c"), src)
+        shutil.copy(os.path.join(ROOT, "tests", "plugins", "fixture.h"), work)
         so = os.path.join(work, "mine.so")
         ok(run(["cc", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Werror", *cflags, "-fPIC", "-shared", "-o", so, src]))
         mine_ini = os.path.join(work, "mine.ini")

@@ -884,10 +884,12 @@ def test_plugin_built_out_of_tree_with_pkg_config_loads_and_serves():
         assert cflags == [f"-I{dest}/usr/include"], cflags
         p = run(["pkg-config", "--variable=plugindir", "occamy-plugin"], env=env)
         assert p.stdout.strip().endswith("/usr/lib/occamy/plugins"), out_of(p)
-        # The noop test plugin, renamed: a third party's source.
+        # The noop test plugin, renamed, with the fixture header it includes
+        # beside it: a third party's two-file source.
         src = open(os.path.join(ROOT, "tests", "plugins", "noop.c")).read()
-        src = src.replace('.name = "noop"', '.name = "outoftree"')
-        assert '.name = "outoftree"' in src
+        src = src.replace('FIXTURE_PLUGIN("noop"', 'FIXTURE_PLUGIN("outoftree"')
+        assert 'FIXTURE_PLUGIN("outoftree"' in src
+        shutil.copy(os.path.join(ROOT, "tests", "plugins", "fixture.h"), work)
         c = os.path.join(work, "outoftree.c")
         so = os.path.join(work, "outoftree.so")
         with open(c, "w") as f:
