@@ -113,9 +113,9 @@ drained(struct transport *t)
 	bool idle;
 
 	pthread_mutex_lock(&t->lock);
-	idle = t->outstanding == 0 && t->settled == NULL && t->out == NULL;
+	idle = t->outstanding == 0 && STAILQ_EMPTY(&t->settled) && STAILQ_EMPTY(&t->out);
 	pthread_mutex_unlock(&t->lock);
-	return idle && t->confirms == NULL && t->deferred == NULL;
+	return idle && STAILQ_EMPTY(&t->confirms) && STAILQ_EMPTY(&t->deferred);
 }
 
 static void
@@ -133,7 +133,7 @@ outgoing_queued(struct transport *t)
 	bool any;
 
 	pthread_mutex_lock(&t->lock);
-	any = t->out != NULL;
+	any = !STAILQ_EMPTY(&t->out);
 	pthread_mutex_unlock(&t->lock);
 	return any;
 }
@@ -174,7 +174,8 @@ loop_wait(struct transport *t)
 int
 transport_run(struct transport *t)
 {
-	struct delivery *late, *d;
+	struct delivery_queue late = STAILQ_HEAD_INITIALIZER(late);
+	struct delivery *d;
 	struct outgoing *o;
 	size_t dropped = 0;
 	bool stop, quiesce;
@@ -223,18 +224,15 @@ transport_run(struct transport *t)
 	/* From now on settle() frees directly; the broker has requeued. */
 	pthread_mutex_lock(&t->lock);
 	t->run_returned = true;
-	late = t->settled;
-	t->settled = NULL;
-	t->settled_tail = &t->settled;
-	while ((o = t->out) != NULL) {
-		t->out = o->next;
+	STAILQ_CONCAT(&late, &t->settled);
+	while ((o = STAILQ_FIRST(&t->out)) != NULL) {
+		STAILQ_REMOVE_HEAD(&t->out, next);
 		t->out_count--;
 		t->out_bytes -= o->bytes;
 		t->stats.publish_failures++;
 		outgoing_free(o);
 		dropped++;
 	}
-	t->out_tail = &t->out;
 	pthread_mutex_unlock(&t->lock);
 	if (dropped > 0)
 		log_warnx("%zu plugin publishes dropped at stop: the broker could not be "
@@ -246,8 +244,8 @@ transport_run(struct transport *t)
 		 t->stats.deliveries, t->stats.control_deliveries, t->stats.acks, t->stats.requeues,
 		 t->stats.retries, t->stats.dead_letters, t->stats.reconnects);
 	pthread_mutex_unlock(&t->lock);
-	while ((d = late) != NULL) {
-		late = d->next;
+	while ((d = STAILQ_FIRST(&late)) != NULL) {
+		STAILQ_REMOVE_HEAD(&late, next);
 		STAT_ADD(t, stale_settlements, 1);
 		delivery_free(d);
 	}
@@ -376,10 +374,10 @@ transport_new(const struct config *cfg, struct sched *s, const struct transport_
 	if (t->wakefd < 0)
 		fatal("eventfd");
 	pthread_mutex_init(&t->lock, NULL);
-	t->settled_tail = &t->settled;
-	t->out_tail = &t->out;
-	t->confirms_tail = &t->confirms;
-	t->deferred_tail = &t->deferred;
+	STAILQ_INIT(&t->settled);
+	STAILQ_INIT(&t->out);
+	STAILQ_INIT(&t->confirms);
+	STAILQ_INIT(&t->deferred);
 	backoff_init(&t->backoff, BACKOFF_MIN_MS, BACKOFF_MAX_MS,
 		     clock_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t);
 	/* Stable for this process, unique across restarts and hosts. */
@@ -463,8 +461,7 @@ transport_publish(struct transport *t, enum publish_kind kind, const char *name,
 	ok = t->stats.connected && !t->stop && t->out_count < OUTQ_MAX &&
 	     t->out_bytes + o->bytes <= OUTQ_BYTES_MAX;
 	if (ok) {
-		*t->out_tail = o;
-		t->out_tail = &o->next;
+		STAILQ_INSERT_TAIL(&t->out, o, next);
 		t->out_count++;
 		t->out_bytes += o->bytes;
 	}
@@ -491,12 +488,12 @@ transport_destroy(struct transport *t)
 	struct outgoing *o;
 	struct delivery *d;
 
-	while ((d = t->settled) != NULL) {
-		t->settled = d->next;
+	while ((d = STAILQ_FIRST(&t->settled)) != NULL) {
+		STAILQ_REMOVE_HEAD(&t->settled, next);
 		delivery_free(d);
 	}
-	while ((o = t->out) != NULL) {
-		t->out = o->next;
+	while ((o = STAILQ_FIRST(&t->out)) != NULL) {
+		STAILQ_REMOVE_HEAD(&t->out, next);
 		outgoing_free(o);
 	}
 	close(t->wakefd);

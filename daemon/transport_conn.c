@@ -67,7 +67,7 @@ connection_drop(struct transport *t, bool clean)
 {
 	struct pending *p;
 	struct delivery *d;
-	struct outgoing *back = NULL, **back_tail = &back;
+	struct outgoing_queue back = STAILQ_HEAD_INITIALIZER(back);
 	bool was_connected = t->connected;
 	size_t stale = 0;
 
@@ -82,8 +82,8 @@ connection_drop(struct transport *t, bool clean)
 	t->stats.connected = false;
 	pthread_mutex_unlock(&t->lock);
 
-	while ((p = t->confirms) != NULL) {
-		t->confirms = p->next;
+	while ((p = STAILQ_FIRST(&t->confirms)) != NULL) {
+		STAILQ_REMOVE_HEAD(&t->confirms, next);
 		if (p->d != NULL) {
 			/* A dead letter and its error reply share one. */
 			if (--p->d->confirms_left == 0) {
@@ -96,25 +96,21 @@ connection_drop(struct transport *t, bool clean)
 			outgoing_drop(t, p->o, "resend", "unconfirmed after 3 sends");
 		} else {
 			event_note(t, "resend", "plugin publish", "connection lost before its confirm");
-			*back_tail = p->o;
-			back_tail = &p->o->next;
-			p->o->next = NULL;
+			STAILQ_INSERT_TAIL(&back, p->o, next);
 		}
 		free(p);
 	}
-	t->confirms_tail = &t->confirms;
-	outgoing_requeue(t, back, back_tail);
+	outgoing_requeue(t, &back);
 	for (unsigned ch = 0; ch <= CH_PUBLISH; ch++) {
 		if (t->in[ch].state != IN_IDLE)
 			amqp_destroy_message(&t->in[ch].msg);
 		memset(&t->in[ch], 0, sizeof(t->in[ch]));
 	}
-	while ((d = t->deferred) != NULL) {
-		t->deferred = d->next;
+	while ((d = STAILQ_FIRST(&t->deferred)) != NULL) {
+		STAILQ_REMOVE_HEAD(&t->deferred, next);
 		delivery_free(d);
 		stale++;
 	}
-	t->deferred_tail = &t->deferred;
 	if (stale > 0)
 		STAT_ADD(t, stale_settlements, stale);
 

@@ -22,6 +22,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/queue.h>
 #include <time.h>
 
 #include <amqp.h>
@@ -103,7 +104,7 @@ struct incoming {
 struct delivery {
 	struct message base; /* first */
 	struct transport *t;
-	struct delivery *next; /* in t->settled or t->deferred */
+	STAILQ_ENTRY(delivery) next; /* in t->settled or t->deferred */
 	uint64_t generation;
 	uint64_t tag;
 	amqp_channel_t channel;
@@ -129,7 +130,7 @@ struct delivery {
 
 /* A plugin publish, deep-copied by transport_publish(). */
 struct outgoing {
-	struct outgoing *next;
+	STAILQ_ENTRY(outgoing) next; /* in t->out or a resend list */
 	enum publish_kind kind;
 	char *name;
 	struct occamy_kv *headers;
@@ -150,13 +151,17 @@ enum pending_kind {
 
 /* A publish on CH_PUBLISH waiting for the broker's basic.ack/nack. */
 struct pending {
-	struct pending *next;
+	STAILQ_ENTRY(pending) next; /* in t->confirms, by seq */
 	uint64_t seq;
 	enum pending_kind kind;
 	bool returned;   /* basic.return came first: unroutable */
 	struct delivery *d;
 	struct outgoing *o;
 };
+
+STAILQ_HEAD(delivery_queue, delivery);
+STAILQ_HEAD(outgoing_queue, outgoing);
+STAILQ_HEAD(pending_queue, pending);
 
 enum publish_result {
 	PUB_SENT,    /* written; a confirm will follow */
@@ -194,8 +199,8 @@ struct transport {
 
 	/* lock guards this block. */
 	pthread_mutex_t lock;
-	struct delivery *settled, **settled_tail; /* settle() -> owner */
-	struct outgoing *out, **out_tail;         /* publish() -> owner */
+	struct delivery_queue settled; /* settle() -> owner */
+	struct outgoing_queue out;     /* publish() -> owner */
 	size_t out_count, out_bytes;              /* queued or unconfirmed */
 	size_t outstanding;  /* deliveries handed out and not yet settled */
 	unsigned frame_max_shared; /* negotiated, for transport_publish() */
@@ -220,8 +225,8 @@ struct transport {
 	/* Open delivery tags of CH_REQUEST and CH_CONTROL: acks decided in a
 	 * loop turn go out at its end, several as one (acks_flush). */
 	struct ack_window acks[CH_PUBLISH + 1];
-	struct pending *confirms, **confirms_tail;
-	struct delivery *deferred, **deferred_tail; /* need a publish; blocked */
+	struct pending_queue confirms;  /* unconfirmed publishes, by seq */
+	struct delivery_queue deferred; /* need a publish; blocked */
 	unsigned heartbeat_ms; /* negotiated */
 	struct backoff backoff;
 	unsigned failures;     /* consecutive failed attempts */
@@ -332,7 +337,7 @@ copy_publish(struct transport *t, struct delivery *d, bool retry);
 void
 outgoing_free(struct outgoing *o);
 void
-outgoing_requeue(struct transport *t, struct outgoing *first, struct outgoing **last_next);
+outgoing_requeue(struct transport *t, struct outgoing_queue *back);
 void
 outgoing_drop(struct transport *t, struct outgoing *o, const char *path, const char *reason);
 void

@@ -407,15 +407,13 @@ outgoing_publish(struct transport *t, struct outgoing *o, char *why, size_t whyl
 /* Put unsent or unconfirmed publishes back at the head of the queue, in
  * order, to go out again after a reconnect (at least once). */
 void
-outgoing_requeue(struct transport *t, struct outgoing *first, struct outgoing **last_next)
+outgoing_requeue(struct transport *t, struct outgoing_queue *back)
 {
-	if (first == NULL)
+	if (STAILQ_EMPTY(back))
 		return;
 	pthread_mutex_lock(&t->lock);
-	*last_next = t->out;
-	if (t->out == NULL)
-		t->out_tail = last_next;
-	t->out = first;
+	STAILQ_CONCAT(back, &t->out);
+	STAILQ_CONCAT(&t->out, back);
 	pthread_mutex_unlock(&t->lock);
 }
 
@@ -435,21 +433,18 @@ outgoing_drop(struct transport *t, struct outgoing *o, const char *path, const c
 void
 outgoing_flush(struct transport *t)
 {
-	struct outgoing *list, *o;
+	struct outgoing_queue list = STAILQ_HEAD_INITIALIZER(list);
+	struct outgoing *o;
 	char why[REASON_MAX];
 
 	if (!t->connected || t->blocked)
 		return;
 	pthread_mutex_lock(&t->lock);
-	list = t->out;
-	t->out = NULL;
-	t->out_tail = &t->out;
+	STAILQ_CONCAT(&list, &t->out);
 	pthread_mutex_unlock(&t->lock);
 
-	while ((o = list) != NULL) {
-		struct outgoing **tail;
-		list = o->next;
-		o->next = NULL;
+	while ((o = STAILQ_FIRST(&list)) != NULL) {
+		STAILQ_REMOVE_HEAD(&list, next);
 		switch (outgoing_publish(t, o, why, sizeof(why))) {
 		case PUB_SENT:
 			continue;
@@ -462,10 +457,8 @@ outgoing_flush(struct transport *t)
 			break;
 		}
 		/* The connection is gone: o and the rest wait for the next. */
-		o->next = list;
-		for (tail = &o->next; *tail != NULL; tail = &(*tail)->next)
-			;
-		outgoing_requeue(t, o, tail);
+		STAILQ_INSERT_HEAD(&list, o, next);
+		outgoing_requeue(t, &list);
 		return;
 	}
 }

@@ -78,10 +78,8 @@ settlement_enqueue(struct message *m, const struct settlement *s)
 	} else {
 		/* The owner takes the whole list at once: only the first
 		 * settlement into an empty list needs to wake it. */
-		first = t->settled == NULL;
-		d->next = NULL;
-		*t->settled_tail = d;
-		t->settled_tail = &d->next;
+		first = STAILQ_EMPTY(&t->settled);
+		STAILQ_INSERT_TAIL(&t->settled, d, next);
 	}
 	pthread_mutex_unlock(&t->lock);
 
@@ -166,8 +164,7 @@ confirm_expect(struct transport *t, enum pending_kind kind, struct delivery *d,
 	p->o = o;
 	if (d != NULL)
 		d->confirms_left++;
-	*t->confirms_tail = p;
-	t->confirms_tail = &p->next;
+	STAILQ_INSERT_TAIL(&t->confirms, p, next);
 }
 
 /* The settlement policy, a pure function: what an outcome means on the
@@ -240,9 +237,7 @@ settlement_carry_out(struct transport *t, struct delivery *d)
 	act = settlement_action(t, d);
 	if (t->blocked && act != SETTLE_DO_ACK && act != SETTLE_DO_REJECT_REQUEUE) {
 		/* Needs a publish: wait for connection.unblocked. */
-		d->next = NULL;
-		*t->deferred_tail = d;
-		t->deferred_tail = &d->next;
+		STAILQ_INSERT_TAIL(&t->deferred, d, next);
 		return;
 	}
 	switch (act) {
@@ -370,23 +365,21 @@ confirm_resolve(struct transport *t, struct pending *p, bool ok)
 void
 confirm_received(struct transport *t, uint64_t tag, bool multiple, bool ok)
 {
-	struct pending **pp = &t->confirms, *p;
+	struct pending *p;
 
 	if (multiple) {
-		while ((p = t->confirms) != NULL && p->seq <= tag) {
-			t->confirms = p->next;
-			if (t->confirms == NULL)
-				t->confirms_tail = &t->confirms;
+		while ((p = STAILQ_FIRST(&t->confirms)) != NULL && p->seq <= tag) {
+			STAILQ_REMOVE_HEAD(&t->confirms, next);
 			confirm_resolve(t, p, ok);
 		}
 		return;
 	}
-	for (; (p = *pp) != NULL && p->seq <= tag; pp = &p->next) {
+	STAILQ_FOREACH(p, &t->confirms, next) {
+		if (p->seq > tag)
+			break;
 		if (p->seq != tag)
 			continue;
-		*pp = p->next;
-		if (*pp == NULL)
-			t->confirms_tail = pp;
+		STAILQ_REMOVE(&t->confirms, p, pending, next);
 		confirm_resolve(t, p, ok);
 		return;
 	}
@@ -399,11 +392,12 @@ confirm_received(struct transport *t, uint64_t tag, bool multiple, bool ok)
 void
 return_received(struct transport *t, const struct incoming *in)
 {
+	struct pending *p;
 	const amqp_basic_properties_t *rp = &in->msg.properties;
 	amqp_bytes_t cid = (rp->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) ? rp->correlation_id
 									 : amqp_empty_bytes;
 
-	for (struct pending *p = t->confirms; p != NULL; p = p->next) {
+	STAILQ_FOREACH(p, &t->confirms, next) {
 		const amqp_basic_properties_t *op;
 		amqp_bytes_t ocid;
 
@@ -426,25 +420,18 @@ return_received(struct transport *t, const struct incoming *in)
 void
 settlements_drain(struct transport *t)
 {
-	struct delivery *list, *d;
+	struct delivery_queue list = STAILQ_HEAD_INITIALIZER(list);
+	struct delivery *d;
 
-	/* Those held back by connection.blocked first, in order. */
-	if (!t->blocked && t->deferred != NULL) {
-		list = t->deferred;
-		t->deferred = NULL;
-		t->deferred_tail = &t->deferred;
-		while ((d = list) != NULL) {
-			list = d->next;
-			settlement_carry_out(t, d);
-		}
-	}
+	/* Those held back by connection.blocked first, in order; a
+	 * settlement may be deferred again, onto the emptied list. */
+	if (!t->blocked)
+		STAILQ_CONCAT(&list, &t->deferred);
 	pthread_mutex_lock(&t->lock);
-	list = t->settled;
-	t->settled = NULL;
-	t->settled_tail = &t->settled;
+	STAILQ_CONCAT(&list, &t->settled);
 	pthread_mutex_unlock(&t->lock);
-	while ((d = list) != NULL) {
-		list = d->next;
+	while ((d = STAILQ_FIRST(&list)) != NULL) {
+		STAILQ_REMOVE_HEAD(&list, next);
 		settlement_carry_out(t, d);
 	}
 }
