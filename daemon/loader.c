@@ -71,11 +71,7 @@ plugin_free(struct plugin *p)
 		dlclose(p->dl);
 	atomic_fetch_sub(&p->router->live_plugins, 1);
 	plugin_options_free(p->options, p->noptions);
-	free(p->name);
-	free(p->path);
-	free(p->header_task_id);
-	free(p->header_handler);
-	free(p);
+	FREE_ALL(p->name, p->path, p->header_task_id, p->header_handler, p);
 }
 
 void
@@ -306,15 +302,13 @@ void
 plugin_set_release(struct plugin_set *set)
 {
 	struct router *r;
-	size_t i;
 
 	if (set == NULL)
 		return;
-	for (i = 0; i < set->n; i++)
-		plugin_unref(set->plugins[i]);
 	r = set->router;
-	free(set->plugins);
-	free(set);
+	for (size_t i = 0; i < set->n; i++)
+		plugin_unref(set->plugins[i]);
+	FREE_ALL(set->plugins, set);
 	router_reap(r);
 }
 

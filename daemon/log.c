@@ -169,3 +169,10 @@ xstrdup(const char *s)
 		fatalx("out of memory");
 	return d;
 }
+
+void
+free_all(void *const *ptrs, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(ptrs[i]);
+}

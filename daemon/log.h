@@ -31,4 +31,11 @@ void *xcalloc(size_t n, size_t size);
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 
+/* free() every pointer named: FREE_ALL(o->name, o->path, o).  For the
+ * owned fields of a struct, freed together at its end. */
+void free_all(void *const *ptrs, size_t n);
+#define FREE_ALL(...)                                                          \
+	free_all((void *const[]){__VA_ARGS__},                                 \
+		 sizeof((void *const[]){__VA_ARGS__}) / sizeof(void *))
+
 #endif /* OCCAMY_LOG_H */

@@ -290,10 +290,7 @@ records_close(struct records *r)
 	daemon_file_write(r, "stopped");
 	close(r->tasks_fd);
 	close(r->lock_fd);
-	free(r->used);
-	free(r->dir);
-	free(r->config_path);
-	free(r);
+	FREE_ALL(r->used, r->dir, r->config_path, r);
 }
 
 void

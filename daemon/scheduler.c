@@ -54,6 +54,17 @@ cond_init_monotonic(pthread_cond_t *cv)
 	pthread_condattr_destroy(&a);
 }
 
+/* The scheduler's own condition variables, made and destroyed together. */
+#define SCHED_NCONDS 4u
+static pthread_cond_t *
+sched_cond(struct sched *s, unsigned i)
+{
+	pthread_cond_t *cvs[SCHED_NCONDS] = {&s->admit_cv, &s->expand_cv, &s->control_cv,
+					     &s->idle_cv};
+
+	return cvs[i];
+}
+
 void
 start_thread(pthread_t *th, void *(*fn)(void *), void *arg, const char *name)
 {
@@ -127,6 +138,8 @@ sched_new(const struct sched_config *cfg, const struct task_source *src,
 	if (cfg->slots == 0)
 		fatalx("sched: zero slots");
 	pthread_mutex_init(&s->mu, NULL);
+	for (i = 0; i < SCHED_NCONDS; i++)
+		cond_init_monotonic(sched_cond(s, i));
 	copy_config(s, cfg);
 	s->src = *src;
 	if (obs)
@@ -147,10 +160,6 @@ sched_new(const struct sched_config *cfg, const struct task_source *src,
 	STAILQ_INIT(&s->admissions);
 	STAILQ_INIT(&s->help_requests);
 	STAILQ_INIT(&s->ready);
-	cond_init_monotonic(&s->admit_cv);
-	cond_init_monotonic(&s->expand_cv);
-	cond_init_monotonic(&s->control_cv);
-	cond_init_monotonic(&s->idle_cv);
 
 	start_workers(s);
 	/* One dispatcher per task whose handle() may block (see the thread
@@ -428,15 +437,10 @@ sched_free(struct sched *s)
 	sem_destroy(&s->workers_started);
 	/* Jobs still referenced by nobody but finished are already freed;
 	 * the ready list holds references only to running jobs. */
-	free(s->workers);
-	free(s->slots);
-	free(s->help_store);
 	withdrawn_free(s);
-	free(s->header_task_id);
-	pthread_cond_destroy(&s->admit_cv);
-	pthread_cond_destroy(&s->expand_cv);
-	pthread_cond_destroy(&s->control_cv);
-	pthread_cond_destroy(&s->idle_cv);
+	FREE_ALL(s->workers, s->slots, s->help_store, s->header_task_id);
+	for (i = 0; i < SCHED_NCONDS; i++)
+		pthread_cond_destroy(sched_cond(s, i));
 	pthread_mutex_destroy(&s->mu);
 	free(s);
 }

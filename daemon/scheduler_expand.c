@@ -238,8 +238,7 @@ void
 sched_set_withdrawal(struct sched *s, sched_announce_fn announce, void *ctx)
 {
 	pthread_mutex_lock(&s->mu);
-	s->announce = announce;
-	s->announce_ctx = ctx;
+	s->announcer = (struct announcer){announce, ctx};
 	pthread_mutex_unlock(&s->mu);
 }
 

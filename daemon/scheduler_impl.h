@@ -207,6 +207,13 @@ enum sched_life {
 	LIFE_STOPPED_WEDGED, /* shutdown done, some thread is stuck in a plugin */
 };
 
+/* Who publishes a master's end (sched_set_withdrawal): fn(ctx, id),
+ * called off the lock. */
+struct announcer {
+	sched_announce_fn fn;
+	void *ctx;
+};
+
 struct sched {
 	pthread_mutex_t mu;
 	struct sched_config cfg;
@@ -252,8 +259,7 @@ struct sched {
 	 * announces their end (sched_set_withdrawal). */
 	struct withdrawn help_published[SCHED_HELP_PUBLISHED_MAX];
 	unsigned nhelp_published_next;
-	sched_announce_fn announce;
-	void *announce_ctx;
+	struct announcer announcer;
 
 	pthread_cond_t idle_cv;     /* a job finished */
 	_Atomic(struct worker *) finished_helpers; /* no lock: helpers push */

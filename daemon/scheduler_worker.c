@@ -47,8 +47,7 @@ struct finish {
 	struct settlement set;
 	double seconds;         /* run time */
 	char *ended_master;     /* to announce (sched_set_withdrawal), or NULL */
-	sched_announce_fn announce;
-	void *announce_ctx;
+	struct announcer announcer;
 };
 
 /* The worker returned from run(): free the slot (or hand it to a pending
@@ -94,11 +93,9 @@ job_finish(struct sched *s, struct job *j, enum occamy_status st,
 		j->msg = NULL;
 		/* A final outcome: the help it asked for is for nobody now. */
 		if ((o == SETTLE_ACK || o == SETTLE_DEAD_LETTER) && j->task->id != NULL &&
-		    s->announce != NULL &&
-		    (f.ended_master = help_published_take(s, j->task->id)) != NULL) {
-			f.announce = s->announce;
-			f.announce_ctx = s->announce_ctx;
-		}
+		    s->announcer.fn != NULL &&
+		    (f.ended_master = help_published_take(s, j->task->id)) != NULL)
+			f.announcer = s->announcer;
 	} else if (st != OCCAMY_OK && !(j->cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
 		s->st.helper_errors++;
 	}
@@ -215,7 +212,7 @@ run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_statu
 		/* Announced inside the settling window, so shutdown (which
 		 * waits for it) never outlives the transport it publishes on. */
 		if (f.ended_master != NULL) {
-			f.announce(f.announce_ctx, f.ended_master);
+			f.announcer.fn(f.announcer.ctx, f.ended_master);
 			free(f.ended_master);
 		}
 		settle_counted(s, f.msg, &f.set);

@@ -506,19 +506,9 @@ transport_destroy(struct transport *t)
 		free(t->nodes[i].uri_buf);
 		free(t->nodes[i].masked);
 	}
-	free(t->nodes);
-	free(t->password_file);
-	free(t->tls_ca);
-	free(t->tls_cert);
-	free(t->tls_key);
-	free(t->request_queue);
-	free(t->request_exchange);
-	free(t->control_exchange);
-	free(t->dl_exchange);
-	free(t->dl_queue);
-	free(t->header_task_id);
-	free(t->header_handler);
-	free(t);
+	FREE_ALL(t->nodes, t->password_file, t->tls_ca, t->tls_cert, t->tls_key,
+		 t->request_queue, t->request_exchange, t->control_exchange, t->dl_exchange,
+		 t->dl_queue, t->header_task_id, t->header_handler, t);
 }
 
 void
