@@ -148,6 +148,18 @@ fixture_parse_ms(const char *s, size_t len, uint64_t max, uint64_t *out)
 	return 0;
 }
 
+/* A body of milliseconds, 0..FIXTURE_MAX_MS: 0, or -1 with the reason in
+ * err for OCCAMY_ERR_INVALID_BODY. */
+static inline int
+fixture_body_ms(const void *body, size_t len, uint64_t *ms, char *err, size_t errlen)
+{
+	if (fixture_parse_ms(body, len, FIXTURE_MAX_MS, ms) == 0)
+		return 0;
+	snprintf(err, errlen, "body must be milliseconds as decimal text, 0..%llu",
+		 (unsigned long long)FIXTURE_MAX_MS);
+	return -1;
+}
+
 /* The name of the header that carries a task ID. */
 static inline const char *
 fixture_task_id_header(const struct occamy_host *host)

@@ -21,11 +21,8 @@ sleep_task_new(const struct occamy_host *host, const struct occamy_headers *head
 	uint64_t ms;
 
 	(void)is_help;
-	if (fixture_parse_ms(body, len, FIXTURE_MAX_MS, &ms) == -1) {
-		snprintf(err, errlen, "body must be milliseconds as decimal text, 0..%llu",
-			 (unsigned long long)FIXTURE_MAX_MS);
+	if (fixture_body_ms(body, len, &ms, err, errlen) == -1)
 		return OCCAMY_ERR_INVALID_BODY;
-	}
 	t = fixture_calloc(sizeof(*t));
 	if (fixture_task_id(host, headers, &t->id) == -1) {
 		free(t);

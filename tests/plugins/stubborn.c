@@ -37,11 +37,8 @@ stubborn_task_new(const struct occamy_host *host, const struct occamy_headers *h
 	uint64_t ms;
 	char *id;
 
-	if (fixture_parse_ms(body, len, FIXTURE_MAX_MS, &ms) == -1) {
-		snprintf(err, errlen, "body must be milliseconds as decimal text, 0..%llu",
-			 (unsigned long long)FIXTURE_MAX_MS);
+	if (fixture_body_ms(body, len, &ms, err, errlen) == -1)
 		return OCCAMY_ERR_INVALID_BODY;
-	}
 	if (fixture_task_id(host, headers, &id) == -1)
 		return fixture_bad_task_id(err, errlen);
 	*task = stubborn_task_alloc(host, is_help ? STUBBORN_EXTERNAL : STUBBORN_MASTER, id, ms);
