@@ -32,53 +32,9 @@
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
 
+#include "amqp_tool.h"
+
 #define CH 1
-
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void __attribute__((noreturn, format(printf, 1, 2)))
-die(const char *fmt, ...)
-{
-	va_list ap;
-
-	fprintf(stderr, "bare_consumer: ");
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
-
-static void
-rpc_check(amqp_connection_state_t c, const char *what)
-{
-	amqp_rpc_reply_t r = amqp_get_rpc_reply(c);
-
-	if (r.reply_type == AMQP_RESPONSE_NORMAL)
-		return;
-	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION)
-		die("%s: %s", what, amqp_error_string2(r.library_error));
-	if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
-	    r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-		amqp_channel_close_t *m = r.reply.decoded;
-		die("%s: channel closed: %u %.*s", what, m->reply_code,
-		    (int)m->reply_text.len, (char *)m->reply_text.bytes);
-	}
-	if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
-	    r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
-		amqp_connection_close_t *m = r.reply.decoded;
-		die("%s: connection closed: %u %.*s", what, m->reply_code,
-		    (int)m->reply_text.len, (char *)m->reply_text.bytes);
-	}
-	die("%s: failed", what);
-}
 
 static void
 usage(void)
@@ -94,10 +50,7 @@ main(int argc, char **argv)
 	const char *uri = getenv("OCCAMY_TEST_AMQP_URI"), *queue = NULL;
 	unsigned long prefetch = 1, n = 1000, got = 0;
 	double idle_s = 30, t_ok, t_first = 0, t_last = 0, t_idle;
-	struct amqp_connection_info ci;
 	amqp_connection_state_t c;
-	amqp_socket_t *sock;
-	char *uri_buf;
 	int opt, rc;
 
 	while ((opt = getopt(argc, argv, "u:q:p:n:T:h")) != -1) {
@@ -112,29 +65,7 @@ main(int argc, char **argv)
 	}
 	if (queue == NULL || optind != argc || prefetch > 65535 || n == 0)
 		usage();
-	if (uri == NULL || uri[0] == '\0')
-		uri = "amqp://guest:guest@127.0.0.1/";
-
-	uri_buf = strdup(uri);
-	amqp_default_connection_info(&ci);
-	if (uri_buf == NULL || amqp_parse_url(uri_buf, &ci) != AMQP_STATUS_OK)
-		die("cannot parse URI %s", uri);
-	if (ci.vhost == NULL || ci.vhost[0] == '\0')
-		ci.vhost = "/";
-	c = amqp_new_connection();
-	sock = amqp_tcp_socket_new(c);
-	if (sock == NULL)
-		die("amqp_tcp_socket_new failed");
-	if ((rc = amqp_socket_open(sock, ci.host, ci.port)) != AMQP_STATUS_OK)
-		die("connecting to %s:%d: %s", ci.host, ci.port, amqp_error_string2(rc));
-	{
-		amqp_rpc_reply_t r = amqp_login(c, ci.vhost, 0, AMQP_DEFAULT_FRAME_SIZE, 0,
-						AMQP_SASL_METHOD_PLAIN, ci.user, ci.password);
-		if (r.reply_type != AMQP_RESPONSE_NORMAL)
-			die("login failed");
-	}
-	amqp_channel_open(c, CH);
-	rpc_check(c, "channel.open");
+	c = connect_open(uri, CH);
 	amqp_basic_qos(c, CH, 0, (uint16_t)prefetch, 0);
 	rpc_check(c, "basic.qos");
 	amqp_basic_consume(c, CH, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0,
@@ -186,7 +117,6 @@ main(int argc, char **argv)
 	amqp_channel_close(c, CH, AMQP_REPLY_SUCCESS);
 	amqp_connection_close(c, AMQP_REPLY_SUCCESS);
 	amqp_destroy_connection(c);
-	free(uri_buf);
 
 	printf("{\"consumed\": %lu, \"prefetch\": %lu, \"elapsed_s\": %.6f, "
 	       "\"msg_per_s\": %.1f, \"since_consume_ok_s\": %.6f}\n",

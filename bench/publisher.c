@@ -35,57 +35,10 @@
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
 
+#include "amqp_tool.h"
+
 #define HEADERS_MAX 32
 #define CH 1
-
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void __attribute__((noreturn, format(printf, 1, 2)))
-die(const char *fmt, ...)
-{
-	va_list ap;
-
-	fprintf(stderr, "publisher: ");
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
-
-static void
-rpc_check(amqp_connection_state_t c, const char *what)
-{
-	amqp_rpc_reply_t r = amqp_get_rpc_reply(c);
-
-	switch (r.reply_type) {
-	case AMQP_RESPONSE_NORMAL:
-		return;
-	case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-		die("%s: %s", what, amqp_error_string2(r.library_error));
-	case AMQP_RESPONSE_SERVER_EXCEPTION:
-		if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-			amqp_channel_close_t *m = r.reply.decoded;
-			die("%s: channel closed: %u %.*s", what, m->reply_code,
-			    (int)m->reply_text.len, (char *)m->reply_text.bytes);
-		}
-		if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
-			amqp_connection_close_t *m = r.reply.decoded;
-			die("%s: connection closed: %u %.*s", what, m->reply_code,
-			    (int)m->reply_text.len, (char *)m->reply_text.bytes);
-		}
-		die("%s: unexpected method %s", what, amqp_method_name(r.reply.id));
-	default:
-		die("%s: no reply", what);
-	}
-}
 
 struct confirm_state {
 	uint64_t confirmed; /* highest sequence number acked or nacked, in order */
@@ -165,12 +118,9 @@ main(int argc, char **argv)
 	bool persistent = true, mandatory = false;
 	amqp_table_entry_t headers[HEADERS_MAX];
 	int nheaders = 0, opt, rc;
-	struct amqp_connection_info ci;
 	amqp_connection_state_t c;
-	amqp_socket_t *sock;
 	amqp_basic_properties_t props;
 	struct confirm_state st = {0};
-	char *uri_buf;
 	double t0, t1;
 	uint64_t seq = 0;
 
@@ -201,29 +151,7 @@ main(int argc, char **argv)
 	}
 	if (rkey == NULL || optind != argc || batch == 0)
 		usage();
-	if (uri == NULL || uri[0] == '\0')
-		uri = "amqp://guest:guest@127.0.0.1/";
-
-	uri_buf = strdup(uri);
-	amqp_default_connection_info(&ci);
-	if (uri_buf == NULL || amqp_parse_url(uri_buf, &ci) != AMQP_STATUS_OK)
-		die("cannot parse URI %s", uri);
-	if (ci.vhost == NULL || ci.vhost[0] == '\0')
-		ci.vhost = "/";
-	c = amqp_new_connection();
-	sock = amqp_tcp_socket_new(c);
-	if (sock == NULL)
-		die("amqp_tcp_socket_new failed");
-	if ((rc = amqp_socket_open(sock, ci.host, ci.port)) != AMQP_STATUS_OK)
-		die("connecting to %s:%d: %s", ci.host, ci.port, amqp_error_string2(rc));
-	{
-		amqp_rpc_reply_t r = amqp_login(c, ci.vhost, 0, AMQP_DEFAULT_FRAME_SIZE, 0,
-						AMQP_SASL_METHOD_PLAIN, ci.user, ci.password);
-		if (r.reply_type != AMQP_RESPONSE_NORMAL)
-			die("login failed");
-	}
-	amqp_channel_open(c, CH);
-	rpc_check(c, "channel.open");
+	c = connect_open(uri, CH);
 	amqp_confirm_select(c, CH);
 	rpc_check(c, "confirm.select");
 
@@ -255,7 +183,6 @@ main(int argc, char **argv)
 	amqp_channel_close(c, CH, AMQP_REPLY_SUCCESS);
 	amqp_connection_close(c, AMQP_REPLY_SUCCESS);
 	amqp_destroy_connection(c);
-	free(uri_buf);
 
 	printf("{\"published\": %lu, \"elapsed_s\": %.6f, \"msg_per_s\": %.1f, "
 	       "\"persistent\": %s, \"nacked\": %" PRIu64 ", \"returned\": %" PRIu64 "}\n",
