@@ -98,6 +98,83 @@ assert_zeroed(const struct config *c)
 	assert_memory_equal(c, &zero, sizeof(zero));
 }
 
+/* Every key of struct config: where it is, and what it holds by default
+ * and after full_file below (which sets each key to something else). */
+enum want_type { W_UINT, W_BOOL, W_STR };
+struct key_want {
+	const char *key;
+	size_t off;
+	enum want_type type;
+	const char *dflt, *full; /* numbers and booleans as text too */
+};
+
+#define WANT(field, type, dflt, full) {#field, offsetof(struct config, field), type, dflt, full}
+static const struct key_want key_wants[] = {
+	WANT(expansion_period_ms, W_UINT, "1000", "250"),
+	WANT(expansion_slot_buffer, W_UINT, "0", "2"),
+	WANT(kill_timeout_ms, W_UINT, "1000", "3000"),
+	WANT(shutdown_grace_s, W_UINT, "30", "0"),
+	WANT(header_task_id, W_STR, "task-id", "x-task"),
+	WANT(header_handler, W_STR, "handler", "x-handler"),
+	WANT(default_handler, W_STR, "", "tsp"),
+	WANT(external_queue_max, W_UINT, "1024", "0"),
+	WANT(external_ttl_s, W_UINT, "60", "600"),
+	WANT(plugin_dir, W_STR, OCCAMY_PLUGIN_DIR, "/opt/occamy/plugins"),
+	WANT(helper_priority, W_STR, "idle", "normal"),
+	WANT(state_dir, W_STR, "/var/lib/occamy", "/srv/occamy"),
+	WANT(crash_limit, W_UINT, "2", "0"),
+	WANT(uri, W_STR, "amqp://guest@127.0.0.1:5672/", "amqps://worker@broker.example:5671/prod"),
+	WANT(password_file, W_STR, "", "/etc/occamy/pw"),
+	WANT(heartbeat_s, W_UINT, "30", "0"),
+	WANT(tls_ca, W_STR, "", "/etc/ssl/ca.pem"),
+	WANT(tls_cert, W_STR, "", "/etc/ssl/c.pem"),
+	WANT(tls_key, W_STR, "", "/etc/ssl/c.key"),
+	WANT(tls_verify_peer, W_BOOL, "1", "0"),
+	WANT(tls_verify_hostname, W_BOOL, "1", "0"),
+	WANT(request_queue, W_STR, "occamy.requests", "rq"),
+	WANT(request_exchange, W_STR, "occamy.requests", "rx"),
+	WANT(control_exchange, W_STR, "occamy.control", "cx"),
+	WANT(dead_letter_exchange, W_STR, "occamy.dead", "dx"),
+	WANT(dead_letter_queue, W_STR, "occamy.dead", "dq"),
+	WANT(queue_type, W_STR, "classic", "quorum"),
+	WANT(prefetch, W_UINT, "0", "65535"),
+	WANT(delivery_limit, W_UINT, "5", "0"),
+	WANT(retry_delay_ms, W_UINT, "1000", "0"),
+	WANT(retry_delay_max_ms, W_UINT, "60000", "5000"),
+	WANT(metrics_listen, W_STR, "", "[::1]:9100"),
+	WANT(metrics_window, W_UINT, "10", "1000"),
+	WANT(metrics_sample_s, W_UINT, "10", "3600"),
+};
+#undef WANT
+
+/* Each key of c against its column of key_wants (full or default). */
+static void
+assert_keys(const struct config *c, bool full)
+{
+	for (size_t i = 0; i < sizeof(key_wants) / sizeof(key_wants[0]); i++) {
+		const struct key_want *w = &key_wants[i];
+		const char *want = full ? w->full : w->dflt;
+		const char *field = (const char *)c + w->off;
+		char got[32];
+
+		switch (w->type) {
+		case W_UINT:
+			snprintf(got, sizeof(got), "%u", *(const unsigned *)(const void *)field);
+			break;
+		case W_BOOL:
+			snprintf(got, sizeof(got), "%d", *(const bool *)(const void *)field);
+			break;
+		case W_STR:
+			if (strcmp(*(char *const *)(const void *)field, want) != 0)
+				fail_msg("%s: \"%s\", want \"%s\"", w->key,
+					 *(char *const *)(const void *)field, want);
+			continue;
+		}
+		if (strcmp(got, want) != 0)
+			fail_msg("%s: %s, want %s", w->key, got, want);
+	}
+}
+
 static void
 test_empty_sections_give_documented_defaults(void **state)
 {
@@ -109,41 +186,7 @@ test_empty_sections_give_documented_defaults(void **state)
 	assert_non_null(strstr(c.file, "defaults.ini"));
 
 	assert_int_equal(c.slots, (unsigned)sysconf(_SC_NPROCESSORS_ONLN));
-	assert_int_equal(c.expansion_period_ms, 1000);
-	assert_int_equal(c.expansion_slot_buffer, 0);
-	assert_int_equal(c.kill_timeout_ms, 1000);
-	assert_int_equal(c.shutdown_grace_s, 30);
-	assert_string_equal(c.header_task_id, "task-id");
-	assert_string_equal(c.header_handler, "handler");
-	assert_string_equal(c.default_handler, "");
-	assert_int_equal(c.external_queue_max, 1024);
-	assert_int_equal(c.external_ttl_s, 60);
-	assert_string_equal(c.plugin_dir, OCCAMY_PLUGIN_DIR);
-	assert_string_equal(c.helper_priority, "idle");
-
-	assert_string_equal(c.uri, "amqp://guest@127.0.0.1:5672/");
-	assert_string_equal(c.password_file, "");
-	assert_int_equal(c.heartbeat_s, 30);
-	assert_string_equal(c.tls_ca, "");
-	assert_string_equal(c.tls_cert, "");
-	assert_string_equal(c.tls_key, "");
-	assert_true(c.tls_verify_peer);
-	assert_true(c.tls_verify_hostname);
-	assert_string_equal(c.request_queue, "occamy.requests");
-	assert_string_equal(c.request_exchange, "occamy.requests");
-	assert_string_equal(c.control_exchange, "occamy.control");
-	assert_string_equal(c.dead_letter_exchange, "occamy.dead");
-	assert_string_equal(c.dead_letter_queue, "occamy.dead");
-	assert_string_equal(c.queue_type, "classic");
-	assert_int_equal(c.prefetch, 0);
-	assert_int_equal(c.delivery_limit, 5);
-	assert_int_equal(c.retry_delay_ms, 1000);
-	assert_int_equal(c.retry_delay_max_ms, 60000);
-
-	assert_string_equal(c.metrics_listen, "");
-	assert_int_equal(c.metrics_window, 10);
-	assert_int_equal(c.metrics_sample_s, 10);
-
+	assert_keys(&c, false);
 	assert_null(c.plugins);
 	assert_int_equal(c.nplugins, 0);
 
@@ -160,8 +203,7 @@ test_empty_file_is_valid_and_all_defaults(void **state)
 	(void)state;
 	assert_int_equal(load_text("empty", "", &c), 0);
 	assert_string_equal(errbuf, "");
-	assert_int_equal(c.delivery_limit, 5);
-	assert_string_equal(c.queue_type, "classic");
+	assert_keys(&c, false);
 	config_free(&c);
 }
 
@@ -180,6 +222,8 @@ static const char full_file[] =
 	"external_ttl_s = 600\n"
 	"plugin_dir = /opt/occamy/plugins\n"
 	"helper_priority = normal\n"
+	"state_dir = /srv/occamy\n"
+	"crash_limit = 0\n"
 	"\n"
 	"[amqp]\n"
 	"uri = amqps://worker@broker.example:5671/prod\n"
@@ -198,15 +242,17 @@ static const char full_file[] =
 	"queue_type = quorum\n"
 	"prefetch = 65535\n"
 	"delivery_limit = 0\n"
+	"retry_delay_ms = 0\n"
+	"retry_delay_max_ms = 5000\n"
 	"\n"
 	"[metrics]\n"
 	"listen = [::1]:9100\n"
 	"window = 1000\n"
 	"sample_s = 3600\n"
 	"\n"
-	"[plugin tsp]\n"
+	"[plugin tsp]\n"    /* line 43 */
 	"path = tsp.so\n"
-	"[plugin Echo_2-b]\n"
+	"[plugin Echo_2-b]\n" /* line 45 */
 	"path = /abs/echo.so\n";
 
 static void
@@ -219,48 +265,17 @@ test_every_key_is_parsed_into_its_field(void **state)
 	assert_string_equal(errbuf, "");
 
 	assert_int_equal(c.slots, 8);
-	assert_int_equal(c.expansion_period_ms, 250);
-	assert_int_equal(c.expansion_slot_buffer, 2);
-	assert_int_equal(c.kill_timeout_ms, 3000);
-	assert_int_equal(c.shutdown_grace_s, 0);
-	assert_string_equal(c.header_task_id, "x-task");
-	assert_string_equal(c.header_handler, "x-handler");
-	assert_string_equal(c.default_handler, "tsp");
-	assert_int_equal(c.external_queue_max, 0);
-	assert_int_equal(c.external_ttl_s, 600);
-	assert_string_equal(c.plugin_dir, "/opt/occamy/plugins");
-	assert_string_equal(c.helper_priority, "normal");
-
-	assert_string_equal(c.uri, "amqps://worker@broker.example:5671/prod");
-	assert_string_equal(c.password_file, "/etc/occamy/pw");
-	assert_int_equal(c.heartbeat_s, 0);
-	assert_string_equal(c.tls_ca, "/etc/ssl/ca.pem");
-	assert_string_equal(c.tls_cert, "/etc/ssl/c.pem");
-	assert_string_equal(c.tls_key, "/etc/ssl/c.key");
-	assert_false(c.tls_verify_peer);
-	assert_false(c.tls_verify_hostname);
-	assert_string_equal(c.request_queue, "rq");
-	assert_string_equal(c.request_exchange, "rx");
-	assert_string_equal(c.control_exchange, "cx");
-	assert_string_equal(c.dead_letter_exchange, "dx");
-	assert_string_equal(c.dead_letter_queue, "dq");
-	assert_string_equal(c.queue_type, "quorum");
-	assert_int_equal(c.prefetch, 65535);
-	assert_int_equal(c.delivery_limit, 0);
-
-	assert_string_equal(c.metrics_listen, "[::1]:9100");
-	assert_int_equal(c.metrics_window, 1000);
-	assert_int_equal(c.metrics_sample_s, 3600);
+	assert_keys(&c, true);
 
 	assert_int_equal(c.nplugins, 2);
 	assert_string_equal(c.plugins[0].name, "tsp");
 	assert_string_equal(c.plugins[0].path, "tsp.so");
-	assert_int_equal(c.plugins[0].line, 39);
+	assert_int_equal(c.plugins[0].line, 43);
 	assert_int_equal(c.plugins[0].noptions, 0);
 	assert_null(c.plugins[0].options);
 	assert_string_equal(c.plugins[1].name, "Echo_2-b");
 	assert_string_equal(c.plugins[1].path, "/abs/echo.so");
-	assert_int_equal(c.plugins[1].line, 41);
+	assert_int_equal(c.plugins[1].line, 45);
 	config_free(&c);
 }
 
