@@ -250,7 +250,7 @@ def main():
           f"warm RSS = {a_warm / 1024:.2f} MiB + **{b_warm:.0f} KiB per slot**; "
           f"threads = {a_thr:.1f} + **{b_thr:.2f} per slot**.", "",
           "Per slot the scheduler starts a protected worker, a helper worker (SCHED_IDLE) "
-          "and a control dispatcher (`daemon/sched.c` `sched_new`: 2 × slots workers, "
+          "and a control dispatcher (`daemon/scheduler.c` `sched_new`: 2 × slots workers, "
           "slots + 1 dispatchers up to 64); the fixed threads are main, amqp, admission "
           "and expansion (and microhttpd's with `[metrics] listen`).  Each thread "
           "reserves an 8 MiB stack (the virtual column) of which only the touched pages "

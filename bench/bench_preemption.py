@@ -38,6 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import schedbench as sb  # noqa: E402
+import targets  # noqa: E402
 
 SLOTS = 8
 REQUEST_BODY = "cpu 5"
@@ -302,11 +303,26 @@ def main():
     idle = {r["variant"]: r for r in results if r["system"] == "occamy" and r["mode"] == "idle"}
     normal = {r["variant"]: r for r in results if r["system"] == "occamy" and r["mode"] == "normal"}
 
-    def verdict(r):
+    floor99 = sb.pct(idle["none"]["lat"], 99) / 1e6
+    lost = sum(r["missing"] for r in results if r["system"] == "occamy")
+    m_lost = targets.check("preemption", "scenario B: requests without a reply, every occamy row",
+                           lost, "<=", 0)
+
+    def verdict(variant):
+        r = idle[variant]
         p99 = sb.pct(r["lat"], 99) / 1e6
-        return (f"p99 {p99:.2f} ms: {'met' if p99 < 2 else 'NOT met'}; requeued "
-                f"{r['requeued_kill'] + r['requeued_room']:.0f}: "
-                f"{'met' if r['requeued_kill'] + r['requeued_room'] == 0 else 'NOT met'}")
+        ratio = p99 / floor99 if floor99 > 0 else None
+        requeued = r["requeued_kill"] + r["requeued_room"]
+        admit = r["admit_p99"] * 1e3 if r["admit_p99"] is not None else None
+        who = f"scenario B, idle, {variant} helpers"
+        m_ratio = targets.check("preemption", f"{who}: p99 / no-helper floor", ratio, "<=", 1.25)
+        m_admit = targets.check("preemption", f"{who}: daemon admission p99 (bucket)", admit,
+                                "<=", 1, " ms")
+        m_req = targets.check("preemption", f"{who}: requeued", requeued, "<=", 0)
+        return (f"p99 {p99:.2f} ms = {ratio if ratio is not None else float('nan'):.2f} × "
+                f"the floor ({floor99:.2f} ms): {m_ratio}; daemon admission p99 bucket "
+                f"{admit if admit is not None else float('nan'):.1f} ms: {m_admit}; "
+                f"requeued {requeued:.0f}: {m_req}")
 
     text = f"""## Scenario B: preemption latency
 
@@ -339,8 +355,10 @@ rest of the end-to-end figure is the broker hop and the client.
 {'' if have_png else '(no plot: gnuplot missing)'}
 ![latency CDF](preemption.png)
 
-**Targets** (helper_priority = idle): lazy helpers — {verdict(idle['lazy'])};
-stubborn helper — {verdict(idle['stubborn'])}.
+**Targets** (helper_priority = idle; p99 ≤ 1.25 × the no-helper floor of
+this run, daemon admission p99 ≤ 1 ms, 0 requeued): lazy helpers —
+{verdict('lazy')}; stubborn helpers — {verdict('stubborn')}.  Requests
+without a reply in occamy's rows: {lost} ({m_lost}).
 
 """
     reading = reading_text(idle, normal, results)
@@ -352,17 +370,18 @@ stubborn helper — {verdict(idle['stubborn'])}.
     return 0
 
 
-ANALYSIS = """**Why `idle` misses 2 ms at p99 here.** Traced with
+ANALYSIS = """**Why `idle` missed its p99 target in earlier runs** (then an
+absolute 2 ms; now 1.25 × the no-helper floor).  Traced with
 `bench/diag/idle_inversion.py` (the idle/lazy set-up under `perf record -a`
 of sched_switch/sched_waking; runs at load 2.6–11 while this was written):
 
-1. *The floor.* The no-helpers row is itself above 2 ms at p99: the 2
+1. *The floor.* The no-helpers row was itself above 2 ms at p99: the 2
    CPUs (a VM) are shared with other people's test runs.  When one of the
    daemon's normal threads waited more than 1 ms for a CPU, other processes
    held that CPU 70–95 % of the time in the busier runs.
 2. *Priority inversion inside the daemon.*  Helper threads do the
    scheduler's bookkeeping on their SCHED_IDLE threads: `worker_main()` in
-   `daemon/sched.c` takes `s->mu` to pick up a job and again for
+   `daemon/scheduler_worker.c` takes `s->mu` to pick up a job and again for
    `job_finish()`; the metrics observer (`task_done`) takes the metrics
    mutex; `cancel_sleep_ms()` takes the cancel token's mutex, which
    `job_cancel()` → `cancel_fire()` may then wait for while holding `s->mu`;
@@ -405,10 +424,10 @@ def reading_text(idle, normal, results):
          f"client, other people's load), and the spinning idle helpers add "
          f"{p(il, 50) - p(base, 50):+.2f} ms at the median and "
          f"{p(il, 99) - p(base, 99):+.2f} ms at p99.  ")
-    if p(il, 99) >= 2:
+    if p(il, 99) > 1.25 * p(base, 99):
         slow = sum(1 for x in il["lat"] if x > 2e6) / max(1, len(il["lat"]))
         pre = il["preemptions"] / max(1, il["admissions"])
-        s += (f"The 2 ms p99 target is missed, and the daemon's own histogram (delivery → "
+        s += (f"The p99 target (1.25 × the floor) is missed, and the daemon's own histogram (delivery → "
               f"running, p99 bucket {il['admit_p99'] * 1e3:.1f} ms) puts the tail inside the "
               f"daemon.  The CDF is bimodal: {slow * 100:.0f} % of the requests took more "
               f"than 2 ms and {pre * 100:.0f} % preempted a helper (the rest found a slot "

@@ -71,7 +71,7 @@ class Broker:
         self.ch.queue_declare(queue, durable=True)
 
     def declare_occamy(self, names):
-        """The topology occamyd declares (daemon/amqp.c topology_declare),
+        """The topology occamyd declares (daemon/transport_conn.c topology_declare),
         with the same arguments, so that the queue can be filled before the
         daemon starts."""
         ch = self.ch
