@@ -6,6 +6,7 @@
 #ifndef OCCAMY_SCHEDULER_H
 #define OCCAMY_SCHEDULER_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -199,6 +200,24 @@ void sched_reconfigure(struct sched *s, const struct sched_config *cfg);
 /* Hand over a request; never blocks on a slot.  The scheduler owns m from
  * here and settles it exactly once. */
 void sched_submit_request(struct sched *s, struct message *m);
+
+/* Slot workers whose wake-up the caller holds back until it is done with a
+ * batch of requests: the transport hands out every request of a loop turn,
+ * then wakes their workers, so that a woken worker does not preempt it in
+ * the middle of its frames (and wait for the scheduler lock it holds).
+ * Owned by the one thread that submits with it. */
+#define SCHED_HELD_MAX 64
+struct sched_held_wakeups {
+	unsigned n;
+	pthread_cond_t *cv[SCHED_HELD_MAX];
+};
+/* sched_submit_request, but a slot worker it starts is woken by
+ * sched_wake_held(held), which the caller must call before it sleeps. */
+void sched_submit_request_held(struct sched *s, struct message *m,
+			       struct sched_held_wakeups *held);
+/* Wake the workers held; no lock needed (each worker re-checks its job
+ * under the scheduler lock, so a late wake-up is never a lost one). */
+void sched_wake_held(struct sched_held_wakeups *held);
 
 /* Hand over a control message (with or without task ID); settled once. */
 void sched_submit_control(struct sched *s, struct message *m);

@@ -353,6 +353,12 @@ admission_main(void *arg)
 void
 sched_submit_request(struct sched *s, struct message *m)
 {
+	sched_submit_request_held(s, m, NULL);
+}
+
+void
+sched_submit_request_held(struct sched *s, struct message *m, struct sched_held_wakeups *held)
+{
 	pthread_mutex_lock(&s->mu);
 	if (sched_is_quitting(s)) {
 		count_settlement(s, SETTLE_REQUEUE);
@@ -371,7 +377,8 @@ sched_submit_request(struct sched *s, struct message *m)
 		/* Not for preemptions: a helper is stopped only for a request
 		 * that has turned into a task (admission makes it first). */
 		if (slot >= 0) {
-			job_start(s, job_new(s, NULL, m, JOB_PROTECTED, 0), (unsigned)slot);
+			job_start_held(s, job_new(s, NULL, m, JOB_PROTECTED, 0), (unsigned)slot,
+				       held);
 			pthread_mutex_unlock(&s->mu);
 			return;
 		}

@@ -306,6 +306,7 @@ struct job *job_new(struct sched *s, struct task *t, struct message *m,
 void job_unref(struct sched *s, struct job *j, struct deferred *d);
 void job_cancel(struct job *j);
 void job_start(struct sched *s, struct job *j, unsigned i);
+void job_start_held(struct sched *s, struct job *j, unsigned i, struct sched_held_wakeups *held);
 void worker_put(struct sched *s, struct worker *w);
 unsigned count_empty(const struct sched *s, int *first);
 void slot_release(struct sched *s, unsigned i);

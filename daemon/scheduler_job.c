@@ -216,7 +216,7 @@ worker_put(struct sched *s, struct worker *w)
 /* Put j into slot i and hand it to a worker.  Caller holds s->mu and
  * checked both exist. */
 void
-job_start(struct sched *s, struct job *j, unsigned i)
+job_start_held(struct sched *s, struct job *j, unsigned i, struct sched_held_wakeups *held)
 {
 	struct worker *w = worker_take(s, j->kind != JOB_PROTECTED);
 
@@ -234,8 +234,24 @@ job_start(struct sched *s, struct job *j, unsigned i)
 	w->job = j;
 	if (w->helper_pool)
 		sem_post(&w->go);
+	else if (held != NULL && held->n < SCHED_HELD_MAX)
+		held->cv[held->n++] = &w->cv;
 	else
 		pthread_cond_signal(&w->cv);
+}
+
+void
+job_start(struct sched *s, struct job *j, unsigned i)
+{
+	job_start_held(s, j, i, NULL);
+}
+
+void
+sched_wake_held(struct sched_held_wakeups *held)
+{
+	for (unsigned i = 0; i < held->n; i++)
+		pthread_cond_signal(held->cv[i]);
+	held->n = 0;
 }
 
 /* Empty slots not reserved for an admission; *first is the lowest. */

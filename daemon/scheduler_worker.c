@@ -118,16 +118,15 @@ set_helper_priority(struct worker *w)
 		log_warn("sched: cannot lower helper thread priority");
 }
 
-/* Leave a settlement in flight: shutdown waits for it.  Called without the
- * lock; takes it. */
+/* A settlement counted in s->settling (shutdown waits for it) is done.
+ * Caller holds s->mu: the worker retakes it after settling anyway, so the
+ * count costs no lock round trip of its own. */
 static void
-settle_counted(struct sched *s, struct message *m, const struct settlement *set)
+settled_uncount(struct sched *s)
 {
-	m->ops->settle(m, set);
-	pthread_mutex_lock(&s->mu);
+	assert_locked(s);
 	s->settling--;
 	pthread_cond_broadcast(&s->idle_cv);
-	pthread_mutex_unlock(&s->mu);
 }
 
 /* A request given a slot straight from the transport: make its task here,
@@ -174,8 +173,9 @@ worker_make_task(struct sched *s, struct worker *w, struct job *j)
 		t->ops->destroy(t);
 	free(j->master);
 	free(j);
-	settle_counted(s, m, &(struct settlement){o, reason, NULL, 0, NULL});
+	m->ops->settle(m, &(struct settlement){o, reason, NULL, 0, NULL});
 	pthread_mutex_lock(&s->mu);
+	settled_uncount(s);
 	return false;
 }
 
@@ -189,7 +189,7 @@ run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_statu
 	struct finish f;
 	char group[64];
 	enum job_kind kind = j->kind;
-	bool was_cancelled = j->cancelled;
+	bool was_cancelled = j->cancelled, counted;
 
 	assert_locked(s);
 	snprintf(group, sizeof(group), "%s", j->task->group);
@@ -197,8 +197,9 @@ run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_statu
 	j->worker = NULL;
 	worker_put(s, w);
 	f = job_finish(s, j, st, out, &d);
-	if (f.msg != NULL)
-		s->settling++; /* shutdown waits for it */
+	counted = f.msg != NULL;
+	if (counted)
+		s->settling++; /* shutdown waits for it, until settled_uncount() */
 	job_unref(s, j, &d);
 	pthread_mutex_unlock(&s->mu);
 
@@ -215,7 +216,7 @@ run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_statu
 			f.announcer.fn(f.announcer.ctx, f.ended_master);
 			free(f.ended_master);
 		}
-		settle_counted(s, f.msg, &f.set);
+		f.msg->ops->settle(f.msg, &f.set);
 	} else if (st != OCCAMY_OK && !(was_cancelled && st == OCCAMY_ERR_INTERRUPTED)) {
 		log_warnx("%s helper (%s) failed: %s%s%s", job_kind_name(kind),
 			  group, status_reason(st), out->message[0] ? ": " : "",
@@ -227,6 +228,8 @@ run_finished(struct sched *s, struct worker *w, struct job *j, enum occamy_statu
 		s->obs.task_done(s->obs.ctx, group, kind, st, f.seconds);
 	deferred_run(&d);
 	pthread_mutex_lock(&s->mu);
+	if (counted)
+		settled_uncount(s);
 }
 
 /* A worker's first act: learn its tid and priority, then post started.  No

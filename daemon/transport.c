@@ -202,6 +202,8 @@ transport_run(struct transport *t)
 		outgoing_flush(t);
 		if (t->connected)
 			frames_read(t);
+		/* Every request of the turn handed out: now start them. */
+		sched_wake_held(&t->held);
 		acks_flush(t);
 		if (t->stopping &&
 		    ((!t->connected && !outgoing_queued(t)) || drained(t) ||

@@ -226,6 +226,8 @@ struct transport {
 	 * loop turn go out at its end, several as one (acks_flush). */
 	struct ack_window acks[CH_PUBLISH + 1];
 	struct pending_queue confirms;  /* unconfirmed publishes, by seq */
+	/* Slot workers of this turn's requests, woken after frames_read(). */
+	struct sched_held_wakeups held;
 	struct delivery_queue deferred; /* need a publish; blocked */
 	unsigned heartbeat_ms; /* negotiated */
 	struct backoff backoff;

@@ -198,7 +198,7 @@ delivery_accept(struct transport *t, amqp_channel_t channel, uint64_t tag, bool 
 	t->outstanding++;
 	pthread_mutex_unlock(&t->lock);
 	if (d->channel == CH_REQUEST)
-		sched_submit_request(t->sched, &d->base);
+		sched_submit_request_held(t->sched, &d->base, &t->held);
 	else
 		sched_submit_control(t->sched, &d->base);
 }

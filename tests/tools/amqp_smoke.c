@@ -155,6 +155,20 @@ sched_submit_request(struct sched *s, struct message *m)
 	pthread_detach(th);
 }
 
+/* No workers here to hold back: each request has its own thread. */
+void
+sched_submit_request_held(struct sched *s, struct message *m, struct sched_held_wakeups *held)
+{
+	(void)held;
+	sched_submit_request(s, m);
+}
+
+void
+sched_wake_held(struct sched_held_wakeups *held)
+{
+	held->n = 0;
+}
+
 void
 sched_submit_control(struct sched *s, struct message *m)
 {

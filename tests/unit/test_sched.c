@@ -478,6 +478,36 @@ test_request_runs_and_is_acked_with_its_result(void **state)
 	FINISH(s, m);
 }
 
+/* The transport's batch: a request given an empty slot waits for
+ * sched_wake_held(), then runs as any other. */
+static void
+test_held_wakeup_starts_the_request_when_released(void **state)
+{
+	struct sched *s = start(2, HELPER_PRIORITY_NORMAL);
+	struct recipe r = {.mode = RUN_OK};
+	struct fake_msg *a = msg_new(&r), *b = msg_new(&r);
+	struct sched_held_wakeups held = {0};
+	struct sched_stats st;
+
+	(void)state;
+	sched_submit_request_held(s, &a->base, &held);
+	sched_submit_request_held(s, &b->base, &held);
+	assert_int_equal(held.n, 2);
+	sched_get_stats(s, &st);
+	assert_int_equal(st.by_status[SLOT_PROTECTED], 2); /* both slots are theirs */
+	usleep(50 * 1000);
+	/* Nobody woke their workers: neither task was made. */
+	assert_null(atomic_load(&a->made));
+	assert_null(atomic_load(&b->made));
+	sched_wake_held(&held);
+	assert_int_equal(held.n, 0);
+	WAIT_SETTLED(a, 2000);
+	WAIT_SETTLED(b, 2000);
+	assert_int_equal(a->outcome, SETTLE_ACK);
+	assert_int_equal(b->outcome, SETTLE_ACK);
+	FINISH(s, a, b);
+}
+
 static void
 test_slot_is_free_before_the_message_is_settled(void **state)
 {
@@ -1918,6 +1948,8 @@ main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup(test_request_runs_and_is_acked_with_its_result, reset_counters),
+		cmocka_unit_test_setup(test_held_wakeup_starts_the_request_when_released,
+				       reset_counters),
 		cmocka_unit_test_setup(test_slot_is_free_before_the_message_is_settled, reset_counters),
 		cmocka_unit_test_setup(test_task_outcomes_map_to_settlements, reset_counters),
 		cmocka_unit_test_setup(test_handler_errors_and_null_task_are_settled_not_crashed, reset_counters),
