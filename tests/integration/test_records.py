@@ -79,17 +79,27 @@ def test_a_poison_request_on_a_classic_queue_stops_after_crash_limit_crashes_fle
         for i in range(10, 20):
             publish_request(first, "fail", b"ok", reply_to=rq.name, correlation_id=f"ok{i}")
         answers = {}
-        deadline = time.monotonic() + 120 * SCALE
-        while time.monotonic() < deadline and len(answers) < 21:
-            for d in fleet:  # systemd's Restart=on-failure
+
+        def restart_crashed():  # systemd's Restart=on-failure
+            for d in fleet:
                 if not d.running:
                     crashes.append(d.returncode)
                     assert d.returncode in (-signal.SIGSEGV, 1, 66), d.log_tail()
                     d.start(wait=False)
+
+        deadline = time.monotonic() + 120 * SCALE
+        while time.monotonic() < deadline and len(answers) < 21:
+            restart_crashed()
             rq.conn.process_data_events(0.2)
             for r in rq.received:
                 answers.setdefault(r.properties.correlation_id, r)
             rq.received.clear()
+        # Both crashes can fall inside the last turn, with the last answers
+        # (seen under TSan, whose crash report makes an exit slow).
+        deadline = time.monotonic() + 10 * SCALE
+        while len(crashes) < limit and time.monotonic() < deadline:
+            restart_crashed()
+            time.sleep(0.1)
         note(f"poison: {len(crashes)} crashes fleet-wide (exit codes {crashes}), "
              f"{len(answers)} of 21 answered")
         assert "poison" in answers, f"no error reply for the poison after {len(crashes)} crashes"
