@@ -42,6 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import schedbench as sb  # noqa: E402
+from tspbench import play_trace  # noqa: E402
 
 SLOTS = 8
 SEED = 424242
@@ -66,9 +67,10 @@ def load_tsplib(ot, name):
     return [coords[i] for i in sorted(coords)]
 
 
-def make_trace(smoke):
-    """[(t_ns, instance, seed)] relative to the start."""
-    r = random.Random(SEED)
+def make_trace(smoke, seed=SEED):
+    """([(t_ns, instance, seed)] relative to the start, end s); the burst
+    sizes are fixed, seed draws the times, instances and request seeds."""
+    r = random.Random(seed)
     sizes = [2, 1] if smoke else [3, 1, 8, 2, 12, 1, 5, 4, 1, 10]
     t, out = 0.5, []
     for k, size in enumerate(sizes):
@@ -114,12 +116,7 @@ def run_occamy(ot, a, trace, payloads, end_s):
         sampler = Sampler(ot, d.names)
         sampler.start()
         cpu0 = sb.proc_cpu_s(d.pid)
-        t_base = time.monotonic_ns() + 200_000_000
-        pubs = {}
-        for i, ((t, name, seed), body) in enumerate(zip(trace, payloads)):
-            pub.wait_until_ns(t_base + t)
-            pubs[str(i)] = pub.request(d.names, "tsp", body, task_id=f"b{i}", cid=str(i))
-        ok = pub.wait_replies(pubs, 120)
+        got, ok = play_trace(pub, d.names, trace, payloads, "b", 120)
         sampler.stop.set()
         sampler.join()
         cpu1 = sb.proc_cpu_s(d.pid)
@@ -130,18 +127,11 @@ def run_occamy(ot, a, trace, payloads, end_s):
                           m.get('occamy_helpers_started_total{kind="external"}', 0))
         pub.close()
         res["cpu_s"] = cpu1 - cpu0
-        recs = []
-        for cid, t0 in pubs.items():
-            if cid not in pub.replies:
-                continue
-            recv, props, body = pub.replies[cid]
-            j = json.loads(body)
-            i = int(cid)
-            recs.append({"i": i, "latency": (recv - t0) / 1e9, "length": j["length"],
-                         "opt": INSTANCES[trace[i][1]], "reports": j.get("reports", 0),
-                         "adopted": j.get("adopted", 0), "iterations": j.get("iterations") or 0})
-        res["recs"] = recs
-        res["missing"] = len(trace) - len(recs)
+        res["recs"] = [{"i": i, "latency": lat, "length": j["length"],
+                        "opt": INSTANCES[trace[i][1]], "reports": j.get("reports", 0),
+                        "adopted": j.get("adopted", 0), "iterations": j.get("iterations") or 0}
+                       for i, lat, j in got]
+        res["missing"] = len(trace) - len(res["recs"])
         res["complete"] = ok
         s = sampler.samples
         active = [h for _, h in s if h.get("protected", 0) > 0]

@@ -30,15 +30,28 @@ reply is checked (a permutation whose recomputed length is the one
 claimed).  The CPU each daemon got is read from /proc/PID/stat (utime +
 stime) around every request, throttling from each group's cpu.stat.
 
-Writes $OCCAMY_BENCH_OUT/fleet.md (--smoke: fleet_smoke.md) and fleet.csv.
+The bursty trace, on the largest fleet: bench_bursty.py's trace (bursts of
+1..12 TSP requests ~100 ms apart, seconds of silence between; pcb442 or
+pr1002, JSON bodies with budget_ms and the optimum) played on the N on and
+the N off fleet in turn, --bursty-reps times with a new trace seed each
+time (on/off, then off/on, ...).  Per burst size: mean, p50 and p90 of the
+gap to the optimum and of the latency publish -> reply, on over off; per
+configuration the CPU its fleet got over the trace (as above), throttling,
+helpers started and requeues.
+
+Writes $OCCAMY_BENCH_OUT/fleet.md (--smoke: fleet_smoke.md), fleet.csv
+(workload A) and fleet_bursty.csv (one row per bursty request).
 
 Options:
-    --smoke           pcb442, 1 and 2 servers, 1 seed, 1 s budget (< 30 s)
+    --smoke           pcb442, 1 and 2 servers, 1 seed, 1 s budget; bursty:
+                      the 3-request smoke trace, 300 ms budget, once (< 40 s)
     --seeds N         seeds per configuration and measure (default 5)
     --instance NAME   TSPLIB instance (default pr1002)
     --budget-ms MS    budget of every request (default 3000)
     --servers 1,2,4   fleet sizes
     --cpu SHARE       CPU quota of each server (default 0.4)
+    --bursty-reps N   bursty trace plays per configuration (default 4; 0: none)
+    --bursty-budget-ms MS  budget of every bursty request (default 1000)
     --out DIR         output directory (default bench/out)
 """
 
@@ -54,7 +67,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from tspbench import OPTIMA, Fleet, arg_parser, check_reply, load, log, parse  # noqa: E402
+from tspbench import OPTIMA, Fleet, arg_parser, check_reply, load, log, parse, play_trace  # noqa: E402
+import bench_bursty as bursty  # noqa: E402
+import schedbench as sb  # noqa: E402
 
 CGROUP_ROOT = "/sys/fs/cgroup/cpu"
 PERIOD_US = 100000
@@ -70,9 +85,13 @@ def parse_args():
     ap.add_argument("--budget-ms", type=int, default=None)
     ap.add_argument("--servers", default=None)
     ap.add_argument("--cpu", type=float, default=0.4)
+    ap.add_argument("--bursty-reps", type=int, default=None)
+    ap.add_argument("--bursty-budget-ms", type=int, default=None)
     a = parse(ap)
-    smoke = {"seeds": 1, "instance": "pcb442", "budget_ms": 1000, "servers": "1,2"}
-    full = {"seeds": 5, "instance": "pr1002", "budget_ms": 3000, "servers": "1,2,4"}
+    smoke = {"seeds": 1, "instance": "pcb442", "budget_ms": 1000, "servers": "1,2",
+             "bursty_reps": 1, "bursty_budget_ms": 300}
+    full = {"seeds": 5, "instance": "pr1002", "budget_ms": 3000, "servers": "1,2,4",
+            "bursty_reps": 4, "bursty_budget_ms": 1000}
     for k, v in (smoke if a.smoke else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -85,6 +104,7 @@ def parse_args():
 
 
 ARGS = parse_args()
+import occamy_test as ot  # noqa: E402
 from occamy_test import rpc  # noqa: E402
 
 
@@ -227,6 +247,83 @@ def run_one(cfg, data, coords, opt, measure, seed):
             "external": res["assistants"]["external"]}
 
 
+def _metric(ms, key):
+    return sum(m.get(key, 0) for m in ms)
+
+
+HELPERS_EXT = 'occamy_helpers_started_total{kind="external"}'
+HELPERS_INT = 'occamy_helpers_started_total{kind="internal"}'
+REQUEUED = ('occamy_requeued_total{reason="no_room"}',
+            'occamy_requeued_total{reason="kill_timeout"}')
+
+
+def run_trace(cfg, rep, trace, payloads, end_s, coords, capped):
+    """One play of a bursty trace on cfg's fleet: ([one dict per request],
+    {the fleet's CPU, throttling, helpers and requeues over the play})."""
+    ds = cfg.fleet.daemons
+    cpu0 = [cpu_seconds(d.pid) for d in ds]
+    th0 = [CpuGroups.throttling(d.cgroup) for d in ds] if capped else None
+    m0 = cfg.fleet.metrics()
+    load1 = os.getloadavg()[0]
+    pub = sb.Publisher(ot)
+    try:
+        t0 = time.monotonic()
+        got, ok = play_trace(pub, ds[0].names, trace, payloads,
+                             f"{cfg.name.replace(' ', '')}-r{rep}-", end_s + 120)
+        wall = time.monotonic() - t0 - 0.2   # play_trace starts 200 ms on
+    finally:
+        pub.close()
+    cpu = sum(cpu_seconds(d.pid) for d in ds) - sum(cpu0)
+    m1 = cfg.fleet.metrics()
+    if not ok:
+        raise SystemExit(f"bursty {cfg.name} play {rep}: {len(trace) - len(got)} of "
+                         f"{len(trace)} replies missing")
+    sizes = bursty.burst_sizes(trace)
+    recs = []
+    for i, lat, res in got:
+        name = trace[i][1]
+        check_reply(coords[name], res, f"bursty {cfg.name} play {rep} request {i}")
+        opt = OPTIMA[name]
+        recs.append({"config": cfg.name, "play": rep, "i": i, "burst": sizes[i],
+                     "instance": name, "length": res["length"],
+                     "gap_pct": 100.0 * (res["length"] - opt) / opt, "latency_s": lat,
+                     "elapsed_ms": res["elapsed_ms"], "reports": res["reports"],
+                     "internal": res["assistants"]["internal"],
+                     "external": res["assistants"]["external"]})
+    run = {"config": cfg.name, "play": rep, "requests": len(recs), "wall_s": wall,
+           "cpu_s": cpu, "load": load1,
+           "helpers": (_metric(m1, HELPERS_EXT) - _metric(m0, HELPERS_EXT),
+                       _metric(m1, HELPERS_INT) - _metric(m0, HELPERS_INT)),
+           "requeued": sum(_metric(m1, k) - _metric(m0, k) for k in REQUEUED)}
+    if capped:
+        th1 = [CpuGroups.throttling(d.cgroup) for d in ds]
+        run["throttled"] = (sum(b[1] - a[1] for a, b in zip(th0, th1)),
+                            sum(b[0] - a[0] for a, b in zip(th0, th1)))
+    return recs, run
+
+
+def run_bursty(pair, fleets, capped):
+    """The bursty trace on the fleets of pair (helpers on, off), each
+    --bursty-reps times, a new trace seed every play, on and off taking
+    turns (on/off, off/on, ...).  Returns (request rows, play rows)."""
+    coords = {name: bursty.load_tsplib(ot, name) for name in sorted(bursty.INSTANCES)}
+    recs, runs = [], []
+    for rep in range(ARGS.bursty_reps):
+        trace, end_s = bursty.make_trace(ARGS.smoke, bursty.SEED + rep)
+        payloads = bursty.bodies(ot, trace, ARGS.bursty_budget_ms)
+        for cfg in (pair if rep % 2 == 0 else pair[::-1]):
+            for f in fleets:
+                f.wait_idle(ARGS.bursty_budget_ms / 1000 + 15)
+            r, run = run_trace(cfg, rep, trace, payloads, end_s, coords, capped)
+            recs += r
+            runs.append(run)
+            log(f"  bursty {cfg.name:6} play {rep}: {len(r)} requests in {run['wall_s']:.1f} s, "
+                f"mean gap {sb.mean(x['gap_pct'] for x in r):.3f} %, mean latency "
+                f"{sb.mean(x['latency_s'] for x in r):.2f} s, cpu {run['cpu_s']:.1f} s, "
+                f"helpers ext/int {run['helpers'][0]:.0f}/{run['helpers'][1]:.0f}")
+    return recs, runs
+
+
 def on_signal(signum, frame):
     # Unwind through the finally blocks: daemons stopped, groups removed.
     raise SystemExit(f"signal {signum}")
@@ -252,6 +349,7 @@ def main():
     seeds = [2000 + k for k in range(ARGS.seeds)]
     measures = list(GAPS) + [None]
     rows, load_samples, throttle = [], [], {}
+    b_recs, b_runs = [], []
     load_before = os.getloadavg()
     n_daemon = 0
     try:
@@ -293,11 +391,17 @@ def main():
                 if groups.reason is None and cfg.min_assistants == 0:
                     t = [CpuGroups.throttling(d.cgroup) for d in cfg.fleet.daemons]
                     throttle[cfg.name] = tuple(sum(x[k] for x in t) for k in range(3))
+            pair = [c for c in configs if c.servers == big and not c.min_assistants]
+            if ARGS.bursty_reps > 0:
+                log(f"bursty trace on {big} server(s), helpers on and off")
+                b_recs, b_runs = run_bursty(pair, fleets, groups.reason is None)
     finally:
         ok = groups.close()
     if not ok:
         raise SystemExit("some CPU groups could not be removed")
     say(f"tours checked: {len(rows)} valid")
+    if ARGS.bursty_reps > 0:
+        say(f"bursty tours checked: {len(b_recs)} valid, {len(b_runs)} plays")
     load_after = os.getloadavg()
     elapsed = time.monotonic() - t_start
 
@@ -306,10 +410,17 @@ def main():
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+    if b_recs:
+        with open(base + "_bursty.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(b_recs[0]))
+            w.writeheader()
+            w.writerows(b_recs)
     write_markdown(base + ".md", configs, rows, groups, throttle, seeds, opt,
-                   load_before, load_after, load_samples, elapsed)
+                   load_before, load_after, load_samples, elapsed,
+                   bursty_markdown(pair, b_recs, b_runs, groups) if b_recs else [])
     print(open(base + ".md").read())
-    log(f"wrote {base}.md, {base}.csv in {elapsed:.0f} s")
+    log(f"wrote {base}.md, {base}.csv{f', {base}_bursty.csv' if b_recs else ''} "
+        f"in {elapsed:.0f} s")
 
 
 # ----------------------------------------------------------------- report
@@ -338,7 +449,7 @@ def ratio(a, b):
 
 
 def write_markdown(path, configs, rows, groups, throttle, seeds, opt, load_before, load_after,
-                   load_samples, elapsed):
+                   load_samples, elapsed, bursty_lines):
     cpu = "?"
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
         cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -431,8 +542,7 @@ def write_markdown(path, configs, rows, groups, throttle, seeds, opt, load_befor
              + ", ".join(f"{c.name} {statistics.mean(r['external'] for r in by[c.name, 'budget']):.1f}"
                          f" + {statistics.mean(r['protected'] for r in by[c.name, 'budget']):.1f}"
                          for c in configs) + ".\n")
-    L.append("Not done: the bursty trace (`bench/bench_bursty.py`) on this fleet, with helpers "
-             "on and off.\n")
+    L += bursty_lines or ["The bursty trace was not run (`--bursty-reps 0`).\n"]
     L.append("Caveats: the servers share one machine's memory bandwidth and caches; a quota "
              "caps CPU time per 100 ms period, so a server gets its share as bursts (CFS "
              "throttling, counted above) rather than as a slower CPU.  The machine is shared "
@@ -440,6 +550,84 @@ def write_markdown(path, configs, rows, groups, throttle, seeds, opt, load_befor
              f"got against its {ARGS.cpu:g} CPU per server.\n")
     with open(path, "w") as f:
         f.write("\n".join(L))
+
+
+def on_off(on, off, digits=3):
+    return f"{on:.{digits}f} / {off:.{digits}f}" if on == on and off == off else "–"
+
+
+def ratio_of(a, b):
+    return f"{a / b:.2f}" if b == b and a == a and b > 0 else "–"
+
+
+def bursty_markdown(pair, recs, runs, groups):
+    """The bursty section: per burst size gap and latency on / off, and the
+    CPU each configuration got."""
+    on, off = pair
+    n = on.servers
+    sizes = sorted({r["burst"] for r in recs})
+    L = [f"### Bursty trace on {n} servers × {ARGS.cpu:g} CPU, helpers on and off\n"]
+    L.append(f"`bench/bench_bursty.py`'s trace (`make_trace`, bursts of "
+             f"{', '.join(str(s) for s in bursty.burst_list(bursty.make_trace(ARGS.smoke)[0]))} "
+             "requests, exponential gaps of 100 ms inside a burst, "
+             f"{'1.5–2.5' if ARGS.smoke else '3–6'} s of silence between; each request pcb442 or "
+             f"pr1002 as a JSON body with `budget_ms` = {ARGS.bursty_budget_ms} and the "
+             "optimum, at which the master stops), played "
+             f"{ARGS.bursty_reps} time(s), trace seeds {bursty.SEED}..{bursty.SEED + ARGS.bursty_reps - 1}"
+             f" (times, instances, request seeds), each play on the *{on.name}* and the "
+             f"*{off.name}* fleet of the table above in turn (on first in even plays), every "
+             "daemon of every fleet idle before each play.  Latency: publish → reply at the "
+             "client (including the wait for a free slot).  Gap: length / optimum − 1, every "
+             "tour checked.  Ratios on / off of the means, same plays.\n")
+    L.append(f"| burst size | requests per config | mean gap on / off (%) | p50 gap (%) | "
+             f"p90 gap (%) | gap on/off | mean latency on / off (s) | p50 latency (s) | "
+             f"p90 latency (s) | latency on/off | assistants reported (on, mean) |")
+    L.append("|" + "---|" * 11)
+
+    def row(label, keep):
+        a = [r for r in recs if r["config"] == on.name and keep(r)]
+        b = [r for r in recs if r["config"] == off.name and keep(r)]
+        ga, gb = [r["gap_pct"] for r in a], [r["gap_pct"] for r in b]
+        la, lb = [r["latency_s"] for r in a], [r["latency_s"] for r in b]
+        L.append(f"| {label} | {len(a)} / {len(b)} | {on_off(sb.mean(ga), sb.mean(gb))} | "
+                 f"{on_off(sb.pct(ga, 50), sb.pct(gb, 50))} | "
+                 f"{on_off(sb.pct(ga, 90), sb.pct(gb, 90))} | "
+                 f"{ratio_of(sb.mean(ga), sb.mean(gb))} | "
+                 f"{on_off(sb.mean(la), sb.mean(lb), 2)} | "
+                 f"{on_off(sb.pct(la, 50), sb.pct(lb, 50), 2)} | "
+                 f"{on_off(sb.pct(la, 90), sb.pct(lb, 90), 2)} | "
+                 f"{ratio_of(sb.mean(la), sb.mean(lb))} | "
+                 f"{sb.mean(r['external'] + r['internal'] for r in a):.1f} |")
+    for s in sizes:
+        row(str(s), lambda r, s=s: r["burst"] == s)
+    row(f"< {n} (spare servers)", lambda r: r["burst"] < n)
+    row(f"≥ {n} (every server protected)", lambda r: r["burst"] >= n)
+    row("all", lambda r: True)
+    L.append("")
+    L.append(f"CPU each configuration got over its plays (the fleet's utime + stime over the "
+             f"plays' wall time, first publish to last reply; {n} × {ARGS.cpu:g} = "
+             f"{n * ARGS.cpu:g} CPU at most), throttled periods of its groups, helpers its "
+             "daemons started and requests they requeued (metrics), and the 1-min load "
+             "average at the start of its plays:\n")
+    L.append("| config | plays | requests | wall (s) | fleet CPU (s) | CPU s per request | "
+             "CPUs used | throttled periods | helpers started external / internal | requeued "
+             "| load |")
+    L.append("|" + "---|" * 11)
+    for cfg in pair:
+        rs = [r for r in runs if r["config"] == cfg.name]
+        wall, cpu, nreq = (sum(r[k] for r in rs) for k in ("wall_s", "cpu_s", "requests"))
+        th = (f"{sum(r['throttled'][0] for r in rs)}/{sum(r['throttled'][1] for r in rs)}"
+              if groups.reason is None else "–")
+        L.append(f"| {cfg.name} | {len(rs)} | {nreq} | {wall:.1f} | {cpu:.1f} | {cpu / nreq:.2f} | "
+                 f"{cpu / wall:.2f} | {th} | {sum(r['helpers'][0] for r in rs):.0f} / "
+                 f"{sum(r['helpers'][1] for r in rs):.0f} | {sum(r['requeued'] for r in rs):.0f} | "
+                 f"{sb.mean(r['load'] for r in rs):.2f} |")
+    L.append("")
+    L.append(f"A burst of {n} or more requests makes every slot of this fleet protected "
+             "(1 slot per server), so helpers can only use the servers that are idle before "
+             "the burst's later requests arrive and after its first ones end; a smaller burst "
+             "leaves whole servers to them.\n")
+    return L
 
 
 if __name__ == "__main__":

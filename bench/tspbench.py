@@ -1,6 +1,7 @@
 """tspbench - shared code of the TSP benchmarks (bench_tsp_scaling,
-bench_fleet): TSPLIB instances (with the reader of tests/integration/test_tsp.py),
-checked replies, fleets of tsp daemons and their arguments.
+bench_fleet, bench_bursty): TSPLIB instances (with the reader of
+tests/integration/test_tsp.py), checked replies, fleets of tsp daemons and
+their arguments, and a timed trace of requests played against a fleet.
 Not a benchmark itself (bench/run only runs bench_*).
 
 The harness (tests/integration/occamy_test.py) reads OCCAMY_BUILD when it
@@ -10,8 +11,10 @@ before.
 """
 
 import argparse
+import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests", "integration"))
@@ -66,6 +69,28 @@ def check_reply(coords, res, what):
     from test_tsp import euc_2d_length
     if euc_2d_length(coords, tour) != res["length"]:
         raise SystemExit(f"{what}: claimed length {res['length']} is not the tour's")
+
+
+def play_trace(pub, names, trace, payloads, tag, timeout):
+    """Publish tsp request payloads[i] at trace[i][0] ns (bench_bursty's
+    make_trace) after a start 200 ms from now, through pub (a
+    schedbench.Publisher, replies to its own queue), with task id and
+    correlation id TAG + i; wait up to timeout s for the replies.  Returns
+    ([(i, latency s publish -> reply, reply JSON)] of the replies received,
+    whether all came)."""
+    t_base = time.monotonic_ns() + 200_000_000
+    pubs = {}
+    for i, ((t, _name, _seed), body) in enumerate(zip(trace, payloads)):
+        pub.wait_until_ns(t_base + t)
+        pubs[f"{tag}{i}"] = (i, pub.request(names, "tsp", body, task_id=f"{tag}{i}",
+                                            cid=f"{tag}{i}"))
+    ok = pub.wait_replies(pubs, timeout)
+    got = []
+    for cid, (i, t0) in pubs.items():
+        if cid in pub.replies:
+            recv, _props, body = pub.replies[cid]
+            got.append((i, (recv - t0) / 1e9, json.loads(body)))
+    return got, ok
 
 
 def idle(v):

@@ -30,7 +30,8 @@ def test_every_benchmark_runs_in_smoke_mode():
 
 def check_fleet_smoke(out):
     """bench_fleet either put every daemon under its CPU quota, checked the
-    replies' tours and removed its groups, or said why it could not."""
+    replies' tours (one request at a time and the bursty trace) and removed
+    its groups, or said why it could not."""
     fleet = [line for line in out.splitlines() if line.startswith("fleet: ")]
     note(*fleet)
     if any(line.startswith("fleet: SKIP: ") for line in fleet):
@@ -43,6 +44,9 @@ def check_fleet_smoke(out):
     assert not left, f"CPU groups left behind: {left}"
     checked = re.search(r"^fleet: tours checked: (\d+) valid$", out, re.M)
     assert checked and int(checked.group(1)) >= 15, "\n".join(fleet)
+    # The bursty trace, in its smoke form: 3 requests on the on and the off fleet.
+    bursty = re.search(r"^fleet: bursty tours checked: (\d+) valid, (\d+) plays$", out, re.M)
+    assert bursty and int(bursty.group(1)) >= 6 and int(bursty.group(2)) >= 2, "\n".join(fleet)
 
 
 if __name__ == "__main__":
