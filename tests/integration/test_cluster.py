@@ -217,6 +217,18 @@ def wait_consuming(d, letter_for_counts):
     return wait_until(consuming, 30, 0.2, "occamyd to consume on the cluster")
 
 
+def quorum_queue_led_by_a():
+    """Fresh names whose quorum request queue a daemon on node a declared
+    (so its leader is on a) and left; returns the names."""
+    with Daemon(["sleep"], slots=2, uri=uri_of("a"), queue_type="quorum", ready=False) as d:
+        wait_consuming(d, "a")
+        assert d.stop() == 0
+        names = d.names
+    leader = queue_leader("b", names["request_queue"])
+    assert leader in (None, NODES[0]), leader
+    return names, leader
+
+
 # ------------------------------------------------------------- multi-URI
 
 _MULTI = None
@@ -402,13 +414,8 @@ def test_quorum_request_queue_leader_loss_is_followed_by_reconsuming():
     # every request is answered, before and after the move.
     need_cluster()
     ensure_all_up()
-    with Daemon(["sleep"], slots=2, uri=uri_of("a"), queue_type="quorum", ready=False) as d1:
-        wait_consuming(d1, "a")
-        assert d1.stop() == 0
-        names = d1.names
-    leader = queue_leader("b", names["request_queue"])
+    names, leader = quorum_queue_led_by_a()
     note(f"request queue leader: {leader}")
-    assert leader in (None, NODES[0]), leader
     with Daemon(["sleep"], names=names, slots=4, uri=uri_of("b"), queue_type="quorum",
                 args=["-v"], ready=False) as d, NodeDown("a", "kill") as nd:
         wait_consuming(d, "b")
@@ -667,12 +674,7 @@ def test_minority_partition_loses_nothing_and_its_daemon_moves_to_the_majority()
     need_cluster()
     need_failover()
     ensure_all_up()
-    with Daemon(["sleep"], slots=2, uri=uri_of("a"), queue_type="quorum", ready=False) as d0:
-        wait_consuming(d0, "a")
-        assert d0.stop() == 0
-        names = d0.names
-    leader = queue_leader("b", names["request_queue"])
-    assert leader in (None, NODES[0]), leader
+    names, leader = quorum_queue_led_by_a()
     port = free_port()
     with contextlib.ExitStack() as stack:
         dc, tries_c = daemon_on(stack, ("c",), names=names, slots=4,
