@@ -37,7 +37,6 @@ import json
 import os
 import random
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -88,32 +87,13 @@ def bodies(ot, trace, budget):
             for _, name, seed in trace]
 
 
-class Sampler(threading.Thread):
-    def __init__(self, ot, names, period=0.05):
-        super().__init__(daemon=True)
-        self.ot, self.names, self.period = ot, names, period
-        self.samples = []
-        self.stop = threading.Event()
-
-    def run(self):
-        st = sb.Status(self.ot, self.names)
-        try:
-            while not self.stop.is_set():
-                r = st.ask(timeout=0.5)
-                if r:
-                    self.samples.append((time.monotonic_ns(), r[0][0]))
-                self.stop.wait(self.period)
-        finally:
-            st.close()
-
-
 def run_occamy(ot, a, trace, payloads, end_s):
     res = {"system": "occamy (8 slots, idle helpers)"}
     port = ot.free_port()
     with ot.Daemon({"tsp": {}}, slots=SLOTS, helper_priority="idle",
                    metrics_listen=f"127.0.0.1:{port}") as d:
         pub = sb.Publisher(ot)
-        sampler = Sampler(ot, d.names)
+        sampler = sb.StatusSampler(ot, d.names, 0.05, timestamps=True)
         sampler.start()
         cpu0 = sb.proc_cpu_s(d.pid)
         got, ok = play_trace(pub, d.names, trace, payloads, "b", 120)

@@ -33,7 +33,6 @@ Writes $OCCAMY_BENCH_OUT/preemption.md and preemption.png.
 import os
 import random
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,27 +53,6 @@ def arrivals(n, seed=SEED, mean_ms=MEAN_GAP_MS):
         t += r.expovariate(1.0 / mean_ms)
         out.append(int(t * 1e6))
     return out
-
-
-class Sampler(threading.Thread):
-    """Slot counts every period, on its own connection."""
-
-    def __init__(self, ot, names, period=0.1):
-        super().__init__(daemon=True)
-        self.ot, self.names, self.period = ot, names, period
-        self.samples = []
-        self.stop = threading.Event()
-
-    def run(self):
-        st = sb.Status(self.ot, self.names)
-        try:
-            while not self.stop.is_set():
-                r = st.ask(timeout=0.5)
-                if r:
-                    self.samples.append(r[0][0])
-                self.stop.wait(self.period)
-        finally:
-            st.close()
 
 
 def run_occamy(ot, a, wd, bt, mode, variant, trace, res=None):
@@ -101,7 +79,7 @@ def run_occamy(ot, a, wd, bt, mode, variant, trace, res=None):
             sb.wait_status(st, lambda h: h.get("external") == SLOTS, 30, "8 helpers")
         time.sleep(0.3)
         m0 = sb.metrics(port)
-        sampler = Sampler(ot, d.names)
+        sampler = sb.StatusSampler(ot, d.names, 0.1)
         sampler.start()
         load0 = sb.loadavg()
         pubs = {}

@@ -37,7 +37,6 @@ import argparse
 import csv
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -79,6 +78,7 @@ os.environ["OCCAMY_BUILD"] = os.path.abspath(ARGS.build)
 sys.path.insert(0, HERE)
 sys.dont_write_bytecode = True  # no bench/__pycache__
 import drain  # noqa: E402
+import schedbench as sb  # noqa: E402
 import targets  # noqa: E402
 from drain import log  # noqa: E402
 
@@ -320,10 +320,6 @@ def write_md(path, runs, celery_version, png, elapsed):
 
 
 def plot(png, runs):
-    gp = shutil.which("gnuplot")
-    if gp is None:
-        log("gnuplot not found (apt-get install -y gnuplot-nox): no PNG")
-        return None
     rows = []
     for slots, prefetch in CONFIGS:
         b = select(runs, "bare", slots, prefetch, ARGS.n)
@@ -362,11 +358,7 @@ def plot(png, runs):
     ]
     for _ in range(3):
         script += [data, "e"]
-    p = subprocess.run([gp], input="\n".join(script) + "\n", text=True, capture_output=True)
-    if p.returncode != 0:
-        log(f"gnuplot failed: {p.stderr.strip()}")
-        return None
-    return png
+    return png if sb.gnuplot("\n".join(script) + "\n", "the throughput plot") else None
 
 
 if __name__ == "__main__":

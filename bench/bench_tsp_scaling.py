@@ -41,14 +41,13 @@ import csv
 import math
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import schedbench as sb  # noqa: E402
 from tspbench import OPTIMA, Fleet, arg_parser, check_reply, load, log, parse  # noqa: E402
 
 # Budgets (ms) chosen so that one slot usually does NOT reach the optimum:
@@ -309,10 +308,6 @@ def write_markdown(path, summ, seeds, load_before, load_after, elapsed, load_mea
 
 
 def plot(base, summ):
-    gp = shutil.which("gnuplot")
-    if gp is None:
-        log("gnuplot not found (apt-get install -y gnuplot-nox): no PNG")
-        return None
     png = base + ".png"
     n = len(ARGS.instances)
     cols = 2 if n > 1 else 1
@@ -348,11 +343,7 @@ def plot(base, summ):
             script.append(pts)
             script.append("e")
     script.append("unset multiplot")
-    p = subprocess.run([gp], input="\n".join(script) + "\n", text=True, capture_output=True)
-    if p.returncode != 0:
-        log(f"gnuplot failed: {p.stderr.strip()}")
-        return None
-    return png
+    return png if sb.gnuplot("\n".join(script) + "\n", "the scaling plot") else None
 
 
 if __name__ == "__main__":

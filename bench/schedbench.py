@@ -264,6 +264,30 @@ class Status:
             self.conn.close()
 
 
+class StatusSampler(threading.Thread):
+    """The first daemon's slot counts (the head dict of Status.ask) every
+    period, on its own connection, into samples: (CLOCK_MONOTONIC ns, head)
+    pairs if timestamps, else heads."""
+
+    def __init__(self, ot, names, period, timestamps=False):
+        super().__init__(daemon=True)
+        self.ot, self.names, self.period, self.timestamps = ot, names, period, timestamps
+        self.samples = []
+        self.stop = threading.Event()
+
+    def run(self):
+        st = Status(self.ot, self.names)
+        try:
+            while not self.stop.is_set():
+                r = st.ask(timeout=0.5)
+                if r:
+                    head = r[0][0]
+                    self.samples.append((time.monotonic_ns(), head) if self.timestamps else head)
+                self.stop.wait(self.period)
+        finally:
+            st.close()
+
+
 def wait_status(st, pred, timeout=20, what="daemon state"):
     deadline = time.monotonic() + timeout
     last = None
