@@ -41,29 +41,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import schedbench as sb  # noqa: E402
-from tspbench import play_trace  # noqa: E402
+from tspbench import OPTIMA, load, play_trace  # noqa: E402
 
 SLOTS = 8
 SEED = 424242
-INSTANCES = {"pcb442": 50778, "pr1002": 259045}
-
-
-def load_tsplib(ot, name):
-    path = os.path.join(ot.TSPLIB, name + ".tsp")
-    coords, on = {}, False
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("EDGE_WEIGHT_TYPE") and "EUC_2D" not in line:
-                raise SystemExit(f"{path}: only EUC_2D here")
-            if line.startswith("NODE_COORD_SECTION"):
-                on = True
-            elif line == "EOF":
-                break
-            elif on and line:
-                i, x, y = line.split()[:3]
-                coords[int(i)] = [float(x), float(y)]
-    return [coords[i] for i in sorted(coords)]
+INSTANCES = {name: OPTIMA[name] for name in ("pcb442", "pr1002")}
 
 
 def make_trace(smoke, seed=SEED):
@@ -81,7 +63,7 @@ def make_trace(smoke, seed=SEED):
 
 
 def bodies(ot, trace, budget):
-    coords = {name: load_tsplib(ot, name) for name in INSTANCES}
+    coords = {name: load(name)[1] for name in INSTANCES}
     return [json.dumps({"coords": coords[name], "budget_ms": budget, "seed": seed,
                         "type": "EUC_2D", "name": name, "optimum": INSTANCES[name]})
             for _, name, seed in trace]

@@ -306,7 +306,7 @@ def run_bursty(pair, fleets, capped):
     """The bursty trace on the fleets of pair (helpers on, off), each
     --bursty-reps times, a new trace seed every play, on and off taking
     turns (on/off, off/on, ...).  Returns (request rows, play rows)."""
-    coords = {name: bursty.load_tsplib(ot, name) for name in sorted(bursty.INSTANCES)}
+    coords = {name: load(name)[1] for name in sorted(bursty.INSTANCES)}
     recs, runs = [], []
     for rep in range(ARGS.bursty_reps):
         trace, end_s = bursty.make_trace(ARGS.smoke, bursty.SEED + rep)
