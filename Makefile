@@ -62,7 +62,7 @@ endif
 # Plugins are built exactly as a user would: only the public header.
 PLUGIN_CFLAGS := -std=c11 -D_GNU_SOURCE -Iinclude $(CPPFLAGS) $(WARN) -fPIC -pthread -MMD -MP $(SAN) $(CFLAGS)
 
-.PHONY: all progs test unit asan tsan valgrind run bench install uninstall clean format-check deps deb FORCE
+.PHONY: all progs test unit asan tsan valgrind run bench install uninstall clean deps deb FORCE
 all: $(PROGS) $(PLUGINS) $(TPLUGINS) $(UNIT_BIN) $(TOOLS)
 # What is installed, and nothing that needs the test libraries.
 progs: $(PROGS) $(PLUGINS)
@@ -203,8 +203,5 @@ deb:
 
 clean:
 	rm -rf build build-asan build-tsan build-deb
-
-format-check:
-	clang-format --dry-run --Werror daemon/*.c daemon/*.h include/occamy/*.h
 
 -include $(shell find $(B) -name '*.d' 2>/dev/null)
