@@ -11,11 +11,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ack_window.h"
 #include "amqp_fields.h"
 #include "backoff.h"
+#include "config.h"
+#include "log.h"
 #include "transport.h"
+#include "transport_int.h"
 
 static void
 test_policy_success_acks_or_replies_first(void **state)
@@ -251,6 +255,78 @@ test_ack_window_never_covers_a_running_tag(void **state)
 	ack_window_free(&w);
 }
 
+/* A transport that never connects: its owner-thread state, for the paths
+ * that run after a connection is lost. */
+static struct transport *
+offline_transport(void)
+{
+	char path[] = "/tmp/occamy-test-transport.XXXXXX";
+	char err[512];
+	struct config cfg;
+	struct transport *t;
+	int fd = mkstemp(path);
+	static const char ini[] = "[amqp]\nuri = amqp://guest@127.0.0.1:1/\n";
+
+	assert_true(fd >= 0);
+	assert_int_equal(write(fd, ini, sizeof(ini) - 1), (ssize_t)(sizeof(ini) - 1));
+	close(fd);
+	assert_int_equal(config_load(path, &cfg, err, sizeof(err)), 0);
+	unlink(path);
+	t = transport_new(&cfg, NULL, NULL);
+	config_free(&cfg);
+	return t;
+}
+
+static uint64_t
+event_count(const struct transport_stats *st, const char *path, const char *reason)
+{
+	for (unsigned i = 0; i < st->nevents; i++)
+		if (strcmp(st->events[i].path, path) == 0 &&
+		    strcmp(st->events[i].reason, reason) == 0)
+			return st->events[i].count;
+	return 0;
+}
+
+/* A plugin publish sent and lost with its connection before the confirm
+ * goes back to the head of the queue for the next connection, at most
+ * RESENDS_MAX sends in all; then it is dropped and counted, not resent
+ * for ever. */
+static void
+test_an_unconfirmed_plugin_publish_is_sent_at_most_resends_max_times(void **state)
+{
+	struct transport *t = offline_transport();
+	struct outgoing *o = xcalloc(1, sizeof(*o));
+	struct transport_stats st;
+
+	(void)state;
+	o->kind = PUBLISH_CONTROL;
+	o->bytes = 10;
+	t->out_count = 1; /* queued or unconfirmed, as transport_publish() counts */
+	t->out_bytes = o->bytes;
+	for (unsigned send = 1; send <= RESENDS_MAX; send++) {
+		/* What outgoing_flush() does with it on a live connection. */
+		o->sends++;
+		confirm_expect(t, PENDING_PUBLISH, NULL, o);
+		t->connected = true;
+		connection_drop(t, false);
+		if (send < RESENDS_MAX) {
+			assert_ptr_equal(STAILQ_FIRST(&t->out), o);
+			assert_null(STAILQ_NEXT(o, next));
+			STAILQ_REMOVE_HEAD(&t->out, next); /* the next connection's flush */
+		}
+	}
+	assert_true(STAILQ_EMPTY(&t->out));
+	assert_true(STAILQ_EMPTY(&t->confirms));
+	assert_int_equal(t->out_count, 0);
+	assert_int_equal(t->out_bytes, 0);
+	transport_get_stats(t, &st);
+	assert_int_equal(st.publish_failures, 1);
+	assert_int_equal(event_count(&st, "resend", "connection lost before its confirm"),
+			 RESENDS_MAX - 1);
+	assert_int_equal(event_count(&st, "resend", "unconfirmed after 3 sends"), 1);
+	transport_free(t);
+}
+
 int
 main(void)
 {
@@ -264,6 +340,7 @@ main(void)
 		cmocka_unit_test(test_json_escape_keeps_utf8_and_replaces_what_is_not),
 		cmocka_unit_test(test_ack_window_acks_a_settled_prefix_as_one_and_the_rest_alone),
 		cmocka_unit_test(test_ack_window_never_covers_a_running_tag),
+		cmocka_unit_test(test_an_unconfirmed_plugin_publish_is_sent_at_most_resends_max_times),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
